@@ -1,0 +1,156 @@
+"""Paged KV cache: per layer, per token, the MLA latent + rope key (576 values) and the indexer
+key (FP8 + float32 scale, or the model dtype), in pages of ``block_size`` tokens.
+
+Sequences live in rows (0 .. max_batch_size-1); each row owns a block table of page ids taken
+from a shared free list on demand. ``prepare`` turns one step's (rows, start positions, query
+lengths) into a ``Step``: the small context object every layer reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .quant import FP8_DTYPE
+
+
+class CacheError(ValueError):
+    """A step that the cache cannot serve (gap in a row, row or length out of range)."""
+
+
+@dataclass
+class Step:
+    """One forward step over R sequences with T packed query tokens (the attention metadata)."""
+
+    rows: list[int]
+    start_pos: list[int]
+    q_lens: list[int]
+    cu_seqlens_q: Tensor  # int32 [R+1]
+    seqlens_k: Tensor  # int32 [R]: cached tokens after this step
+    block_table: Tensor  # int32 [R, max_blocks]
+    positions: Tensor  # int64 [T]
+    slot_mapping: Tensor  # int64 [T]: where each new token is written
+    max_seqlen_k: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def decode_q_len(self) -> int:
+        """S_q when every sequence brings the same 1 or 2 new tokens (decode, MTP), else 0."""
+        q = self.q_lens[0]
+        return q if q <= 2 and all(n == q for n in self.q_lens) else 0
+
+
+@dataclass
+class LayerCache:
+    kv: Tensor  # [blocks, block_size, kv_lora_rank + qk_rope_head_dim]
+    index_k: Tensor  # [blocks, block_size, index_head_dim] FP8 or model dtype
+    index_scale: Optional[Tensor]  # [blocks, block_size] float32 (FP8 keys only)
+
+
+class PagedCache:
+    def __init__(self, *, n_layers: int, max_batch_size: int, max_seq_len: int, block_size: int,
+                 kv_dim: int, index_dim: int, dtype: torch.dtype, index_fp8: bool,
+                 device: torch.device):
+        self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size
+        self.max_blocks = -(-max_seq_len // block_size)
+        num_blocks = max_batch_size * self.max_blocks
+        self.device = device
+        self.layers = [
+            LayerCache(
+                kv=torch.zeros(num_blocks, block_size, kv_dim, dtype=dtype, device=device),
+                index_k=torch.zeros(num_blocks, block_size, index_dim,
+                                    dtype=FP8_DTYPE if index_fp8 else dtype, device=device),
+                index_scale=(torch.zeros(num_blocks, block_size, dtype=torch.float32,
+                                         device=device) if index_fp8 else None))
+            for _ in range(n_layers)
+        ]
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._tables: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self.lengths = [0] * max_batch_size
+        self.block_table = torch.zeros(max_batch_size, self.max_blocks, dtype=torch.int32,
+                                       device=device)
+
+    # ----------------------------------------------------------------------------- rows
+    def reset(self, rows: Optional[Sequence[int]] = None) -> None:
+        for r in range(self.max_batch_size) if rows is None else rows:
+            self._free.extend(reversed(self._tables[r]))
+            self._tables[r] = []
+            self.lengths[r] = 0
+
+    def _grow(self, row: int, length: int) -> bool:
+        need = -(-length // self.block_size) - len(self._tables[row])
+        if need <= 0:
+            return False
+        if need > len(self._free):
+            raise CacheError(f"paged cache is out of blocks (row {row} needs {need} more)")
+        self._tables[row].extend(self._free.pop() for _ in range(need))
+        return True
+
+    def prepare(self, rows: Sequence[int], start_pos: Sequence[int],
+                q_lens: Sequence[int]) -> Step:
+        rows, start_pos, q_lens = list(rows), list(start_pos), list(q_lens)
+        if len(set(rows)) != len(rows):
+            raise CacheError(f"rows must be distinct, got {rows}")
+        grown = []
+        for r, s, n in zip(rows, start_pos, q_lens):
+            if not 0 <= r < self.max_batch_size:
+                raise CacheError(f"row {r} is outside the cache's max_batch_size="
+                                 f"{self.max_batch_size}")
+            if n <= 0:
+                raise CacheError(f"row {r}: a step needs at least one token, got {n}")
+            if not 0 <= s <= self.lengths[r]:
+                raise CacheError(f"row {r}: start_pos={s} but the cache holds {self.lengths[r]} "
+                                 "tokens of it (start_pos must not leave a gap)")
+            if s + n > self.max_seq_len:
+                raise CacheError(f"row {r}: start_pos {s} + {n} tokens exceeds max_seq_len="
+                                 f"{self.max_seq_len}")
+            if self._grow(r, s + n):
+                grown.append(r)
+        for r in grown:
+            table = self._tables[r]
+            self.block_table[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        for r, s, n in zip(rows, start_pos, q_lens):
+            self.lengths[r] = s + n
+
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start_pos, q_lens)])
+        token_row = torch.repeat_interleave(torch.tensor(rows), torch.tensor(q_lens))
+        host_blocks = torch.tensor(
+            [self._tables[r][p // self.block_size] for r, p in zip(token_row.tolist(),
+                                                                    positions.tolist())])
+        slot_mapping = host_blocks * self.block_size + positions % self.block_size
+        dev = self.device
+        return Step(
+            rows=rows, start_pos=start_pos, q_lens=q_lens,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev),
+            seqlens_k=torch.tensor([s + n for s, n in zip(start_pos, q_lens)],
+                                   dtype=torch.int32).to(dev),
+            block_table=self.block_table[torch.tensor(rows, device=dev)],
+            positions=positions.to(dev),
+            slot_mapping=slot_mapping.to(dev),
+            max_seqlen_k=max(s + n for s, n in zip(start_pos, q_lens)),
+        )
+
+    # ---------------------------------------------------------------------------- writes
+    def store_kv(self, layer: int, step: Step, kv: Tensor) -> None:
+        """Write this step's MLA entries (kv [T, latent + rope]) into their slots."""
+        c = self.layers[layer].kv
+        c.view(-1, c.shape[-1]).index_copy_(0, step.slot_mapping, kv.to(c.dtype))
+
+    def store_index(self, layer: int, step: Step, key: Tensor, scale: Optional[Tensor]) -> None:
+        """Write this step's indexer keys ([T, D], FP8 with scale [T], or float) into their slots."""
+        c = self.layers[layer]
+        dst, src = c.index_k.view(-1, c.index_k.shape[-1]), key.to(c.index_k.dtype)
+        if dst.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel on every device: copy bytes
+            dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+        dst.index_copy_(0, step.slot_mapping, src)
+        if c.index_scale is not None:
+            c.index_scale.view(-1).index_copy_(0, step.slot_mapping, scale.float())

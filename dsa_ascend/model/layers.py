@@ -1,0 +1,125 @@
+"""Building blocks: Linear (float or FP8-block weights), RMSNorm, LayerNorm, SwiGLU MLP.
+
+Module attribute names follow the HF checkpoint keys one to one, so a state-dict key *is* the
+checkpoint key (DSA_SPEC §8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig, RunConfig
+from ..ops import Ops
+from ..quant import FP8_DTYPE, dequantize_weight
+
+
+@dataclass
+class Context:
+    """What every layer may consult: the seam (ops), the model and run configs, the dtype."""
+
+    config: ModelConfig
+    run: RunConfig
+    ops: Ops
+    dtype: torch.dtype
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias.
+
+    ``quantizable`` weights come as the checkpoint stores them: float (cast to the model dtype)
+    or FP8 e4m3 with a ``weight_scale_inv`` of 128x128 block scales, kept in FP8 and dequantized
+    on the fly by ``dsa.fp8_linear`` (with the official per-token activation quantization when
+    ``act_quant``). Others (router, indexer weights_proj, LM head) hold a float ``dtype``.
+    """
+
+    def __init__(self, ctx: Context, in_features: int, out_features: int, *,
+                 quantizable: bool = True, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.ctx = ctx
+        self.in_features, self.out_features = in_features, out_features
+        self.quantizable = quantizable
+        self.weight = _param(out_features, in_features, dtype=dtype or ctx.dtype)
+        self.register_parameter("weight_scale_inv", None)  # set by the loader for FP8 weights
+        self.act_quant = False
+
+    def set_fp8_weight(self, weight: Tensor, scale_inv: Tensor, act_quant: bool) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        self.act_quant = act_quant
+
+    def dense_weight(self) -> Tensor:
+        """The weight in float32 (dequantized when FP8)."""
+        if self.weight.dtype == FP8_DTYPE:
+            return dequantize_weight(self.weight, self.weight_scale_inv)
+        return self.weight.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == FP8_DTYPE:
+            return self.ctx.ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.act_quant,
+                                           self.ctx.config.ue8m0)
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}"
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w in float32; with ``residual`` the add is fused and done in
+    float32 too, and the new residual is returned (DSA_SPEC §2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=torch.float32)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        dtype = x.dtype
+        xf = x.float() if residual is None else x.float() + residual.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if residual is None:
+            return y.to(dtype)
+        return y.to(dtype), xf.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """The indexer's key norm: LayerNorm with weight and bias in float32 (DSA_SPEC §2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=torch.float32)
+        self.bias = _param(dim, dtype=torch.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x), the product in float32 (DSA_SPEC §6)."""
+
+    def __init__(self, ctx: Context, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = Linear(ctx, dim, inter_dim)
+        self.up_proj = Linear(ctx, dim, inter_dim)
+        self.down_proj = Linear(ctx, inter_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        return self.down_proj(h.to(x.dtype))
+
+
+class Embedding(nn.Module):
+    def __init__(self, ctx: Context, vocab_size: int, dim: int):
+        super().__init__()
+        self.weight = _param(vocab_size, dim, dtype=ctx.dtype)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight)

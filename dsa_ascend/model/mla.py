@@ -1,0 +1,113 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (DSA_SPEC §4-5).
+
+Each token caches one 576-wide entry (RMSNorm'd latent c: 512 | RoPE'd k_pe: 64) shared by all
+heads. Two equivalent forms:
+- absorbed (MQA): q_abs = q_nope @ W_uk per head, score = (q_abs . c + q_pe . k_pe) * scale,
+  o = (softmax @ c) @ W_uv^T: what sparse MLA kernels compute (d_qk 576, d_v 512);
+- MHA: per-head k_nope = W_uk c and v = W_uv c expanded for the selected entries (testing, and
+  the form of DeepSeek's reference prefill).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import paging
+from ..cache import PagedCache, Step
+from ..quant import dequantize_fp8_blocks
+from .indexer import Indexer
+from .layers import Context, Linear, RMSNorm
+from .rope import apply_rope_interleaved
+
+# Bound on one query chunk's float32 intermediate in the MHA form (64 MiB).
+_MHA_CHUNK_ELEMENTS = 1 << 24
+
+
+class MLA(nn.Module):
+    def __init__(self, ctx: Context, layer_id: int):
+        super().__init__()
+        c = ctx.config
+        self.ctx, self.layer_id = ctx, layer_id
+        self.n_heads, self.nope, self.rope_dim = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        self.v_dim, self.latent = c.v_head_dim, c.kv_lora_rank
+        self.q_a_proj = Linear(ctx, c.dim, c.q_lora_rank)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.q_b_proj = Linear(ctx, c.q_lora_rank, c.n_heads * c.qk_head_dim)
+        self.kv_a_proj_with_mqa = Linear(ctx, c.dim, c.kv_lora_rank + c.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = Linear(ctx, c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = Linear(ctx, c.n_heads * c.v_head_dim, c.dim)
+        self.indexer = Indexer(ctx, layer_id)
+        self.softmax_scale = c.softmax_scale()
+        self._kv_b: tuple[int, Tensor] | None = None
+
+    def kv_b_heads(self) -> Tensor:
+        """kv_b_proj as float32 [H, nope + v, latent], dequantized once per weight."""
+        w = self.kv_b_proj.weight
+        if self._kv_b is None or self._kv_b[0] != w.data_ptr():
+            dense = self.kv_b_proj.dense_weight().view(self.n_heads, self.nope + self.v_dim, self.latent)
+            self._kv_b = (w.data_ptr(), dense)
+        return self._kv_b[1]
+
+    def forward(self, x: Tensor, step: Step, cache: PagedCache, cos: Tensor, sin: Tensor) -> Tensor:
+        ops, t = self.ctx.ops, x.shape[0]
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = apply_rope_interleaved(q_pe, cos[:, None], sin[:, None])
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope_interleaved(k_pe, cos, sin)
+        if self.ctx.run.simulate_fp8_latent:
+            # DeepSeek's reference rounds the latent through FP8 (128-blocks) to mimic the FP8
+            # cache it deploys; the rope part stays unquantized.
+            q8, s8 = ops.quantize_fp8(latent, 128, self.ctx.config.ue8m0)
+            latent = dequantize_fp8_blocks(q8, s8).to(latent.dtype)
+        cache.store_kv(self.layer_id, step, torch.cat([latent, k_pe], dim=-1))
+
+        indices = self.indexer(x, qr, step, cache, cos, sin)
+        kv_cache = cache.layers[self.layer_id].kv
+        w = self.kv_b_heads()
+        if self.ctx.run.mla_form == "mha":
+            o = self._mha(q_nope, q_pe, indices, step, kv_cache, w)
+        else:
+            q_abs = torch.einsum("thd,hdc->thc", q_nope.float(), w[:, : self.nope])
+            q_full = torch.cat([q_abs.to(x.dtype), q_pe], dim=-1)  # [T, H, 576]
+            sq = step.decode_q_len
+            if sq:
+                r = len(step.rows)
+                o, _ = ops.sparse_mla_decode(q_full.view(r, sq, self.n_heads, -1), kv_cache,
+                                             indices.view(r, sq, -1), step.block_table,
+                                             step.seqlens_k, self.softmax_scale, self.latent)
+                o = o.view(t, self.n_heads, self.latent)
+            else:
+                o, _ = ops.sparse_mla_prefill(q_full, kv_cache, indices, step.block_table,
+                                              step.cu_seqlens_q, step.seqlens_k,
+                                              self.softmax_scale, self.latent)
+            o = torch.einsum("thc,hdc->thd", o.float(), w[:, self.nope:])
+        return self.o_proj(o.flatten(1).to(x.dtype))
+
+    def _mha(self, q_nope: Tensor, q_pe: Tensor, indices: Tensor, step: Step, kv_cache: Tensor,
+             w: Tensor) -> Tensor:
+        """MHA form over the selected entries, chunked over queries so memory stays bounded."""
+        t, h = q_nope.shape[:2]
+        k = indices.shape[-1]
+        rows = paging.token_rows(step.cu_seqlens_q)
+        flat = kv_cache.view(-1, kv_cache.shape[-1])
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
+        out = torch.empty(t, h, self.v_dim, dtype=torch.float32, device=q_nope.device)
+        chunk = max(1, _MHA_CHUNK_ELEMENTS // (k * h * (self.nope + self.v_dim)))
+        for c0 in range(0, t, chunk):
+            c1 = min(c0 + chunk, t)
+            idx = indices[c0:c1].long()
+            entries = flat[paging.slots(step.block_table, rows[c0:c1, None], idx,
+                                        kv_cache.shape[1])].float()
+            latent, k_pe = entries.split([self.latent, self.rope_dim], dim=-1)
+            k_nope = torch.einsum("skc,hdc->skhd", latent, w_uk)
+            v = torch.einsum("skc,hdc->skhd", latent, w_uv)
+            s = (torch.einsum("shd,skhd->shk", q_nope[c0:c1].float(), k_nope)
+                 + torch.einsum("shr,skr->shk", q_pe[c0:c1].float(), k_pe)) * self.softmax_scale
+            s = s.masked_fill((idx < 0)[:, None, :], float("-inf"))
+            out[c0:c1] = torch.einsum("shk,skhd->shd", s.softmax(dim=-1), v)
+        return out

@@ -1,0 +1,273 @@
+"""THE SEAM: the device-specific operations of DeepSeek Sparse Attention, declared once.
+
+Every op is a ``torch.library`` custom op in the ``dsa`` namespace with a fake (meta) kernel, so
+``torch.compile`` traces through it. The last argument names the backend whose implementation
+runs (``reference`` | ``cuda`` | ``npu``); model code never passes it by hand: it holds an
+``Ops`` bound to the backend its ``RunConfig`` chose, and reads like the paper.
+
+Conventions shared by all ops (T = packed query tokens of R sequences):
+- ``cu_seqlens_q`` int32 [R+1]: prefix sums of the query lengths (TND layout);
+- ``seqlens_k`` int32 [R]: tokens in the cache for each sequence *including* this step's queries;
+  a query's absolute position is ``seqlens_k[r] - q_len[r] + i``;
+- ``block_table`` int32 [R, max_blocks]: pages of each sequence in the paged cache
+  (cache tensors are [num_blocks, block_size, ...]);
+- top-k ``indices`` hold absolute positions within the sequence (not slots), int32, the valid
+  ones first in descending score order (ties: lower position first), ``-1`` padding after.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from .quant import FP8_DTYPE
+
+OP_NAMES = (
+    "hadamard_rotate",
+    "quantize_fp8",
+    "fp8_linear",
+    "indexer_topk",
+    "sparse_mla_prefill",
+    "sparse_mla_decode",
+)
+
+
+def _impl(backend: str, op: str) -> Callable:
+    from .backends import implementations
+
+    return implementations(backend)[op]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_hadamard(x: Tensor) -> None:
+    n = x.shape[-1] if x.dim() else 0
+    _check(x.dim() >= 1 and n > 0 and n & (n - 1) == 0,
+           f"hadamard_rotate: x's last dim must be a power of two, got shape {tuple(x.shape)}")
+    _check(x.is_floating_point() and x.dtype != FP8_DTYPE,
+           f"hadamard_rotate: x must be a float tensor, got {x.dtype}")
+
+
+def _check_quantize(x: Tensor, block_size: int) -> None:
+    _check(x.dim() >= 1 and block_size > 0 and x.shape[-1] % block_size == 0,
+           f"quantize_fp8: x's last dim ({tuple(x.shape)}) must be a multiple of "
+           f"block_size={block_size}")
+    _check(x.is_floating_point() and x.dtype != FP8_DTYPE,
+           f"quantize_fp8: x must be a float tensor, got {x.dtype}")
+
+
+def _check_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> None:
+    _check(weight.dim() == 2 and weight.dtype == FP8_DTYPE,
+           f"fp8_linear: weight must be 2-D float8_e4m3fn, got {weight.dtype} "
+           f"{tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    _check(x.shape[-1] == in_f, f"fp8_linear: x's last dim {x.shape[-1]} != weight in_features "
+           f"{in_f}")
+    want = ((out_f + 127) // 128, (in_f + 127) // 128)
+    _check(tuple(weight_scale.shape) == want and weight_scale.dtype == torch.float32,
+           f"fp8_linear: weight_scale must be float32 {want}, got {weight_scale.dtype} "
+           f"{tuple(weight_scale.shape)}")
+
+
+def _check_paged(name: str, block_table: Tensor, cu_seqlens_q: Optional[Tensor],
+                 seqlens_k: Tensor) -> None:
+    _check(block_table.dim() == 2 and block_table.dtype == torch.int32,
+           f"{name}: block_table must be int32 [R, max_blocks], got {block_table.dtype} "
+           f"{tuple(block_table.shape)}")
+    r = block_table.shape[0]
+    _check(seqlens_k.shape == (r,) and seqlens_k.dtype == torch.int32,
+           f"{name}: seqlens_k must be int32 [{r}], got {seqlens_k.dtype} {tuple(seqlens_k.shape)}")
+    if cu_seqlens_q is not None:
+        _check(cu_seqlens_q.shape == (r + 1,) and cu_seqlens_q.dtype == torch.int32,
+               f"{name}: cu_seqlens_q must be int32 [{r + 1}], got {cu_seqlens_q.dtype} "
+               f"{tuple(cu_seqlens_q.shape)}")
+
+
+def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
+                   block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
+                   topk: int) -> None:
+    _check(q.dim() == 3, f"indexer_topk: q must be [T, H, D], got {tuple(q.shape)}")
+    t, h, d = q.shape
+    _check(weights.shape == (t, h) and weights.dtype == torch.float32,
+           f"indexer_topk: weights must be float32 [{t}, {h}], got {weights.dtype} "
+           f"{tuple(weights.shape)}")
+    _check(k_cache.dim() == 3 and k_cache.shape[2] == d,
+           f"indexer_topk: k_cache must be [blocks, block_size, {d}], got {tuple(k_cache.shape)}")
+    _check((q.dtype == FP8_DTYPE) == (k_cache.dtype == FP8_DTYPE) == (k_scale is not None),
+           f"indexer_topk: FP8 q ({q.dtype}) needs FP8 k_cache ({k_cache.dtype}) and k_scale "
+           "(and float q neither)")
+    if k_scale is not None:
+        _check(k_scale.shape == k_cache.shape[:2] and k_scale.dtype == torch.float32,
+               f"indexer_topk: k_scale must be float32 {tuple(k_cache.shape[:2])}, got "
+               f"{k_scale.dtype} {tuple(k_scale.shape)}")
+    _check(topk > 0, f"indexer_topk: topk must be positive, got {topk}")
+    _check_paged("indexer_topk", block_table, cu_seqlens_q, seqlens_k)
+
+
+def _check_sparse_mla(name: str, q: Tensor, kv_cache: Tensor, indices: Tensor, d_v: int) -> None:
+    d = q.shape[-1]
+    _check(kv_cache.dim() == 3 and kv_cache.shape[2] == d,
+           f"{name}: kv_cache must be [blocks, block_size, {d}], got {tuple(kv_cache.shape)}")
+    _check(0 < d_v <= d, f"{name}: d_v={d_v} must lie in (0, {d}]")
+    _check(indices.dtype == torch.int32 and indices.shape[:-1] == q.shape[:-2],
+           f"{name}: indices must be int32 {tuple(q.shape[:-2])} + [K], got {indices.dtype} "
+           f"{tuple(indices.shape)}")
+
+
+# ------------------------------------------------------------------------------- the ops
+@custom_op("dsa::hadamard_rotate", mutates_args=())
+def hadamard_rotate(x: Tensor, backend: str) -> Tensor:
+    """Walsh-Hadamard transform (Sylvester order) of the last dim, scaled by n^-0.5."""
+    _check_hadamard(x)
+    return _impl(backend, "hadamard_rotate")(x)
+
+
+@hadamard_rotate.register_fake
+def _(x, backend):
+    _check_hadamard(x)
+    return torch.empty_like(x)
+
+
+@custom_op("dsa::quantize_fp8", mutates_args=())
+def quantize_fp8(x: Tensor, block_size: int, ue8m0: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Per-token FP8 e4m3 quantization in blocks of ``block_size`` channels (DSA_SPEC §2).
+
+    scale = max(amax, 1e-4) / 448 (rounded up to a power of two when ``ue8m0``), q = x / scale.
+    Returns (q float8_e4m3fn, shape of x; scale float32 [..., D / block_size]).
+    """
+    _check_quantize(x, block_size)
+    return _impl(backend, "quantize_fp8")(x, block_size, ue8m0)
+
+
+@quantize_fp8.register_fake
+def _(x, block_size, ue8m0, backend):
+    _check_quantize(x, block_size)
+    return (torch.empty_like(x, dtype=FP8_DTYPE),
+            x.new_empty((*x.shape[:-1], x.shape[-1] // block_size), dtype=torch.float32))
+
+
+@custom_op("dsa::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool, ue8m0: bool,
+               backend: str) -> Tensor:
+    """y = x @ dequant(weight)^T for an FP8 weight with 128x128 block scales (``weight_scale_inv``).
+
+    With ``act_quant`` the input is first quantized per token per 128 channels, as the official
+    fp8_gemm path does. Output in x's dtype.
+    """
+    _check_fp8_linear(x, weight, weight_scale)
+    return _impl(backend, "fp8_linear")(x, weight, weight_scale, act_quant, ue8m0)
+
+
+@fp8_linear.register_fake
+def _(x, weight, weight_scale, act_quant, ue8m0, backend):
+    _check_fp8_linear(x, weight, weight_scale)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@custom_op("dsa::indexer_topk", mutates_args=())
+def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
+                 block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor, topk: int,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """Lightning indexer scores + causal top-k (DSA_SPEC §5).
+
+    I(t, s) = k_scale(s) * sum_h weights(t, h) * ReLU(q(t, h) . k(s)) for s <= pos(t).
+    q [T, H, D] (FP8 with k_scale, or float); weights [T, H] float32 (already holding the
+    per-head q scales and softmax scale); k_cache [blocks, block_size, D]; k_scale [blocks,
+    block_size] float32 or None. Returns (indices int32 [T, topk], scores float32 [T, topk],
+    -inf where padded).
+    """
+    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk)
+    return _impl(backend, "indexer_topk")(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
+                                          seqlens_k, topk)
+
+
+@indexer_topk.register_fake
+def _(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk, backend):
+    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk)
+    t = q.shape[0]
+    return (q.new_empty((t, topk), dtype=torch.int32), q.new_empty((t, topk), dtype=torch.float32))
+
+
+@custom_op("dsa::sparse_mla_prefill", mutates_args=())
+def sparse_mla_prefill(q: Tensor, kv_cache: Tensor, indices: Tensor, block_table: Tensor,
+                       cu_seqlens_q: Tensor, seqlens_k: Tensor, scale: float, d_v: int,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """Sparse MLA (absorbed form) for ragged prefill.
+
+    q [T, H, D] (D = 576: 512 absorbed nope + 64 rope); kv_cache [blocks, block_size, D], one KV
+    head shared by all H heads, value = its first ``d_v`` channels; indices [T, K].
+    Returns (out [T, H, d_v] in q's dtype, lse [T, H] float32, natural log).
+    """
+    _check_sparse_mla("sparse_mla_prefill", q, kv_cache, indices, d_v)
+    _check_paged("sparse_mla_prefill", block_table, cu_seqlens_q, seqlens_k)
+    return _impl(backend, "sparse_mla_prefill")(q, kv_cache, indices, block_table, cu_seqlens_q,
+                                                seqlens_k, scale, d_v)
+
+
+@sparse_mla_prefill.register_fake
+def _(q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k, scale, d_v, backend):
+    _check_sparse_mla("sparse_mla_prefill", q, kv_cache, indices, d_v)
+    return q.new_empty((*q.shape[:-1], d_v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@custom_op("dsa::sparse_mla_decode", mutates_args=())
+def sparse_mla_decode(q: Tensor, kv_cache: Tensor, indices: Tensor, block_table: Tensor,
+                      seqlens_k: Tensor, scale: float, d_v: int,
+                      backend: str) -> tuple[Tensor, Tensor]:
+    """Sparse MLA (absorbed form) for decode: q [B, S_q, H, D] (S_q = 1 or 2, the last S_q
+    positions of each sequence), indices [B, S_q, K]. Returns (out [B, S_q, H, d_v],
+    lse [B, S_q, H] float32)."""
+    _check(q.dim() == 4, f"sparse_mla_decode: q must be [B, S_q, H, D], got {tuple(q.shape)}")
+    _check_sparse_mla("sparse_mla_decode", q, kv_cache, indices, d_v)
+    _check_paged("sparse_mla_decode", block_table, None, seqlens_k)
+    return _impl(backend, "sparse_mla_decode")(q, kv_cache, indices, block_table, seqlens_k,
+                                               scale, d_v)
+
+
+@sparse_mla_decode.register_fake
+def _(q, kv_cache, indices, block_table, seqlens_k, scale, d_v, backend):
+    _check_sparse_mla("sparse_mla_decode", q, kv_cache, indices, d_v)
+    return q.new_empty((*q.shape[:-1], d_v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+class Ops:
+    """The ``dsa`` ops bound to one backend: the only handle model code holds."""
+
+    def __init__(self, backend: str):
+        from .backends import implementations
+
+        implementations(backend)  # fail now, with the reason, not at the first forward
+        self.backend = backend
+
+    def hadamard_rotate(self, x: Tensor) -> Tensor:
+        return torch.ops.dsa.hadamard_rotate(x, self.backend)
+
+    def quantize_fp8(self, x: Tensor, block_size: int = 128,
+                     ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+        return torch.ops.dsa.quantize_fp8(x, block_size, ue8m0, self.backend)
+
+    def fp8_linear(self, x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool,
+                   ue8m0: bool) -> Tensor:
+        return torch.ops.dsa.fp8_linear(x, weight, weight_scale, act_quant, ue8m0, self.backend)
+
+    def indexer_topk(self, q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k,
+                     topk: int) -> tuple[Tensor, Tensor]:
+        return torch.ops.dsa.indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
+                                          seqlens_k, topk, self.backend)
+
+    def sparse_mla_prefill(self, q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k,
+                           scale: float, d_v: int) -> tuple[Tensor, Tensor]:
+        return torch.ops.dsa.sparse_mla_prefill(q, kv_cache, indices, block_table, cu_seqlens_q,
+                                                seqlens_k, scale, d_v, self.backend)
+
+    def sparse_mla_decode(self, q, kv_cache, indices, block_table, seqlens_k, scale: float,
+                          d_v: int) -> tuple[Tensor, Tensor]:
+        return torch.ops.dsa.sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k,
+                                               scale, d_v, self.backend)
