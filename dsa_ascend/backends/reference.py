@@ -89,10 +89,7 @@ def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[
         t0, t1, length = cu[r], cu[r + 1], lens[r]
         if t1 == t0:
             continue
-        # float64: FP8 x FP8 products and their 128-term sums are exact there, so the scores do
-        # not depend on how queries are batched (float32 summation order would break near-ties
-        # differently in prefill and decode).
-        keys = _sequence_keys(k_cache, block_table[r], length).double()  # [L, D]
+        keys = _sequence_keys(k_cache, block_table[r], length).float()  # [L, D]
         key_scale = (_sequence_keys(k_scale, block_table[r], length) if k_scale is not None
                      else None)
         first_pos = length - (t1 - t0)
@@ -101,11 +98,10 @@ def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[
             c1 = min(c0 + chunk, t1)
             pos = first_pos + torch.arange(c0 - t0, c1 - t0, device=q.device)
             visible = first_pos + (c1 - t0)  # keys beyond the chunk's last query are all masked
-            logits = torch.einsum("chd,ld->chl", q[c0:c1].double(), keys[:visible]).relu_()
-            score = torch.einsum("chl,ch->cl", logits, weights[c0:c1].double())
+            logits = torch.einsum("chd,ld->chl", q[c0:c1].float(), keys[:visible]).relu_()
+            score = torch.einsum("chl,ch->cl", logits, weights[c0:c1].float())
             if key_scale is not None:
                 score = score * key_scale[:visible]
-            score = score.float()
             key_pos = torch.arange(visible, device=q.device)
             score = score.masked_fill(key_pos[None, :] > pos[:, None], float("-inf"))
             indices[c0:c1], values[c0:c1] = select_topk(score, topk)

@@ -38,7 +38,7 @@ def yarn_inv_freq(config: ModelConfig) -> Tensor:
 
 
 def rope_tables(config: ModelConfig, max_seq_len: int,
-                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """(cos, sin), each [max_seq_len, d/2] float32: angle(t, i) = t * inv_freq_i."""
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), yarn_inv_freq(config))
     return angles.cos().to(device), angles.sin().to(device)

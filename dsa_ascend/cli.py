@@ -1,0 +1,145 @@
+"""The ``dsa-ascend`` command: demo, generate, make-tiny, backends."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _default_demo_dir() -> str:
+    root = os.environ.get("DSA_ASCEND_HOME", os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "dsa_ascend"))
+    return os.path.join(root, "tiny-seed0")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["reference", "cuda", "npu"], default=None,
+                   help="ops implementation (default: best available for the device)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--indexer-dtype", choices=["fp8", "bf16"], default="fp8")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop-token-id", type=int, action="append", default=None,
+                   help="stop token id (repeatable; default: the model's EOS)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _run_generate(model_dir: str, args, prompts: list[str]) -> int:
+    import dsa_ascend
+
+    t0 = time.perf_counter()
+    model = dsa_ascend.load(model_dir, backend=args.backend, device=args.device,
+                            dtype=DTYPES[args.dtype], max_seq_len=args.max_seq_len,
+                            max_batch_size=args.max_batch_size, indexer_dtype=args.indexer_dtype)
+    t1 = time.perf_counter()
+    results = dsa_ascend.generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p,
+                                  stop_token_ids=args.stop_token_id, seed=args.seed)
+    t2 = time.perf_counter()
+    for prompt, res in zip(prompts, results):
+        print(f"--- prompt: {prompt!r}")
+        print(f"    tokens: {res.tokens}")
+        print(f"    text:   {res.text!r}  [{res.finish_reason}]")
+    n = sum(len(r.tokens) for r in results)
+    print(f"backend={model.backend} device={model.device} dtype={args.dtype}: loaded in "
+          f"{t1 - t0:.2f}s, {n} tokens in {t2 - t1:.2f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if not args.prompt:
+        raise SystemExit("error: give at least one --prompt")
+    return _run_generate(args.model, args, args.prompt)
+
+
+def cmd_demo(args) -> int:
+    from .tiny import make_tiny_checkpoint
+
+    path = args.dir or _default_demo_dir()
+    if os.path.exists(os.path.join(path, "config.json")):
+        print(f"reusing the tiny checkpoint in {path}")
+    else:
+        print(f"building the tiny checkpoint in {path}")
+        make_tiny_checkpoint(path, seed=0)
+    prompts = args.prompt or ["DeepSeek Sparse Attention picks", "Ascend and CUDA agree"]
+    return _run_generate(path, args, prompts)
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(args.out, preset_name=args.preset, seed=args.seed, shards=args.shards,
+                         overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from .backends import BACKENDS, unavailable_reason
+
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        print(f"{name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsa-ascend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate from an HF-format checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="build (or reuse) the tiny checkpoint and generate")
+    p.add_argument("--dir", default=None, help=f"checkpoint directory (default {_default_demo_dir()})")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(func=cmd_demo, max_new_tokens=16)
+
+    p = sub.add_parser("make-tiny", help="write a deterministic tiny checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("backends", help="list the backends and why one cannot run here")
+    p.set_defaults(func=cmd_backends)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .backends import BackendUnavailable
+    from .cache import CacheError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BackendUnavailable, CheckpointError, ConfigError, CacheError, ValueError,
+            FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared test machinery: ``--backend`` selection, the tiny checkpoint, tolerances.
+
+One suite for every backend: ``pytest --backend reference`` (default), ``--backend cuda``,
+``--backend npu``. A backend that cannot run here skips its tests with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dsa_ascend
+from dsa_ascend.backends import unavailable_reason
+from dsa_ascend.tiny import make_tiny_checkpoint
+
+DEVICE_OF = {"reference": "cpu", "cuda": "cuda", "npu": "npu"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", default="reference", choices=sorted(DEVICE_OF),
+                     help="which dsa backend the suite runs (default: reference)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test (still part of CI)")
+
+
+@pytest.fixture(scope="session")
+def backend(request) -> str:
+    name = request.config.getoption("--backend")
+    reason = unavailable_reason(name, torch.device(DEVICE_OF[name]))
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable here: {reason}")
+    return name
+
+
+@pytest.fixture(scope="session")
+def device(backend) -> torch.device:
+    return torch.device(DEVICE_OF[backend])
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny preset's FP8 checkpoint (seed 0), made once per session."""
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=0)
+
+
+# Modes in which two ways of computing the same thing must agree to float32 rounding: FP8
+# activation quantization and the FP8 latent round trip turn 1-ulp float32 differences (from a
+# different batching of the same math) into whole FP8 steps, which is the official semantics but
+# not a test of the graph's wiring. Tests of those modes compare against their own references.
+EXACT = dict(fp8_act_quant=False, simulate_fp8_latent=False)
+
+
+@pytest.fixture
+def load_tiny(tiny_dir, backend, device):
+    """load_tiny(**run_options) -> the tiny model on the suite's backend, float32."""
+
+    def load(path: str = None, **options):
+        options.setdefault("max_seq_len", 512)
+        options.setdefault("max_batch_size", 4)
+        return dsa_ascend.load(path or tiny_dir, backend=backend, device=device,
+                               dtype=torch.float32, **options)
+
+    return load
+
+
+def assert_close_to_ref(got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor = None,
+                        factor: float = 4.0, floor: float = 1e-6) -> None:
+    """|got - ref64| within ``factor`` x the reference's own low-precision error (|ref_lowp - ref64|,
+    elementwise max), the Liger/flash-attention way; ``floor`` covers exact references."""
+    err = (got.double() - ref64.double()).abs().max().item()
+    if ref_lowp is not None:
+        budget = factor * (ref_lowp.double() - ref64.double()).abs().max().item() + floor
+    else:
+        budget = floor
+    assert err <= budget, f"max error {err:.3e} exceeds {budget:.3e}"
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + int(os.environ.get("DSA_TEST_SEED", "0")))
