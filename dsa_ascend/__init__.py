@@ -3,6 +3,7 @@ from one model graph; the backend (reference | cuda | npu) is a config switch.""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Union
 
@@ -18,6 +19,7 @@ from .model.transformer import Transformer
 __all__ = ["load", "generate", "Completion", "Transformer", "ModelConfig", "RunConfig", "preset",
            "ConfigError", "CheckpointError", "BackendUnavailable"]
 __version__ = "0.1.0"
+log = logging.getLogger("dsa_ascend")
 
 
 def _default_device() -> torch.device:
@@ -41,8 +43,8 @@ def load(path: str, backend: Optional[str] = None, device: Union[str, torch.devi
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, 4096)
     if isinstance(max_seq_len, int) and max_seq_len > config.max_position_embeddings:
-        raise ConfigError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings="
-                          f"{config.max_position_embeddings}")
+        log.warning("max_seq_len=%d exceeds the model's max_position_embeddings=%d: positions "
+                    "beyond it were never trained", max_seq_len, config.max_position_embeddings)
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ConfigError(f"dtype must be torch.bfloat16, float16 or float32, got {dtype}")
     unknown = set(run_options) - {f for f in RunConfig.__dataclass_fields__}

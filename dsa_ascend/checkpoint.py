@@ -171,7 +171,7 @@ def load_weights(model: nn.Module, path: str, device: torch.device,
     by_file: dict[str, list[str]] = {}
     for key in expected:
         by_file.setdefault(infos[key].file, []).append(key)
-    for key, scale_key in fp8_weights.items():
+    for scale_key in fp8_weights.values():
         by_file.setdefault(infos[scale_key].file, [])
     handles = {}
     try:
@@ -185,7 +185,7 @@ def load_weights(model: nn.Module, path: str, device: torch.device,
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{info.file}: cannot read tensor {key!r} ({e})") from None
 
-        for file, keys in by_file.items():
+        for keys in by_file.values():  # file by file: one shard's pages in flight at a time
             for key in keys:
                 module, attr = _resolve(model, key)
                 tensor = read(key)
