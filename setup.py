@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     # Only the dsa_ascend package is installed: ops/ holds kernel sources, never a top-level
     # Python package named "ops".
-    packages=find_packages(include=["dsa_ascend", "dsa_ascend.*"]),
+    packages=find_packages(include=["dsa_ascend", "dsa_ascend.*"]) + ["dsa_ascend.ops_triton"],
+    package_dir={"dsa_ascend.ops_triton": "ops/triton"},
     # Install the torch build for your device first (README); any torch >= 2.4 satisfies this,
     # so pip does not replace it.
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.15", "numpy"],

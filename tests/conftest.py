@@ -11,6 +11,9 @@ import os
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels then run under the interpreter; set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton is first imported
+
 import dsa_ascend
 from dsa_ascend.backends import unavailable_reason
 from dsa_ascend.tiny import make_tiny_checkpoint

@@ -1,24 +1,70 @@
-"""The ``cuda`` backend: Triton kernels from ``ops/triton`` (see the CUDA issue).
-
-Until those kernels land this module only reports why it cannot run, so that asking for it gives
-a clear error and ``backend=None`` falls back to the reference backend.
+"""The ``cuda`` backend: Triton kernels from ``ops/triton`` (installed as
+``dsa_ascend.ops_triton``) for the indexer + top-k and sparse MLA prefill/decode; the remaining
+ops (Hadamard rotation, FP8 activation quantization, FP8 linears) run the reference backend's
+torch code on the GPU.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import pathlib
+import sys
 from typing import Optional
 
 import torch
 
-IMPLS: dict = {}
+from .. import paging
+from . import reference
+
+_KERNELS = "dsa_ascend.ops_triton"
+
+
+def kernels():
+    """The Triton kernel package: installed, or straight from the source tree's ops/triton."""
+    try:
+        return importlib.import_module(_KERNELS)
+    except ModuleNotFoundError:
+        root = pathlib.Path(__file__).resolve().parents[2] / "ops" / "triton"
+        spec = importlib.util.spec_from_file_location(_KERNELS, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_KERNELS] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     if device is not None and device.type != "cuda":
         return f"it runs on CUDA devices only (got {device.type!r})"
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed (pip install '.[cuda]')"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
-    if importlib.util.find_spec("triton") is None:
-        return "the 'triton' package is not installed"
-    return "its Triton kernels are not part of this build yet (ops/triton is empty)"
+    return None
+
+
+def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk):
+    return kernels().indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
+                                  seqlens_k, topk)
+
+
+def sparse_mla_prefill(q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k, scale, d_v):
+    rows = paging.token_rows(cu_seqlens_q).to(torch.int32)
+    return kernels().sparse_mla_fwd(q, kv_cache, indices, block_table, rows, scale, d_v)
+
+
+def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
+    b, sq, h, d = q.shape
+    rows = torch.arange(b, device=q.device, dtype=torch.int32).repeat_interleave(sq)
+    out, lse = kernels().sparse_mla_fwd(q.reshape(b * sq, h, d), kv_cache,
+                                        indices.reshape(b * sq, -1), block_table, rows, scale, d_v)
+    return out.view(b, sq, h, d_v), lse.view(b, sq, h)
+
+
+IMPLS = {
+    **reference.IMPLS,
+    "indexer_topk": indexer_topk,
+    "sparse_mla_prefill": sparse_mla_prefill,
+    "sparse_mla_decode": sparse_mla_decode,
+}

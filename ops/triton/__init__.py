@@ -1,0 +1,7 @@
+"""Triton kernels of the ``cuda`` backend (installed as ``dsa_ascend.ops_triton``)."""
+
+from .indexer import indexer_topk
+from .sparse_mla import combine_splits, sparse_mla_fwd
+from .topk import topk_rows
+
+__all__ = ["indexer_topk", "sparse_mla_fwd", "combine_splits", "topk_rows"]

@@ -1,0 +1,145 @@
+"""Sparse MLA forward (absorbed form) on the paged latent cache, for prefill and decode.
+
+Per query token t: H heads of q (576 = 512 latent + 64 rope) attend to the K cache entries
+selected by the indexer (positions within t's sequence, -1 = padding). One KV entry serves all
+heads, so a program takes BLOCK_H heads of one token and streams its selected entries in tiles of
+BLOCK_K: S = q_nope . kv_nope + q_pe . kv_pe, online softmax (base 2), O += P . kv_nope.
+Small batches split the K entries over NUM_SPLITS programs per token; a combine step merges the
+partial (O, LSE) pairs. Accumulation is float32; q/kv may be bf16, fp16 or fp32.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    Q, KV, IDX, BT, ROW, O, LSE,
+    stride_qt, stride_qh, stride_it, stride_bt, stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    H, K, k_per_split, block_size, scale_log2,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(ROW + t)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
+    offs_d = tl.arange(0, D_NOPE)
+    offs_r = tl.arange(0, D_ROPE)
+    q_base = Q + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh
+    q_nope = tl.load(q_base + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    q_pe = tl.load(q_base + D_NOPE + offs_r[None, :], mask=hmask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_NOPE], tl.float32)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for kb in range(k_lo, k_hi, BLOCK_K):
+        offs_k = kb + tl.arange(0, BLOCK_K)
+        pos = tl.load(IDX + t.to(tl.int64) * stride_it + offs_k, mask=offs_k < k_hi, other=-1)
+        valid = pos >= 0
+        pos = tl.where(valid, pos, 0)
+        blk = tl.load(BT + row * stride_bt + pos // block_size, mask=valid, other=0)
+        slot = blk.to(tl.int64) * block_size + pos % block_size
+        kv_row = KV + slot[:, None] * (D_NOPE + D_ROPE)
+        kv_nope = tl.load(kv_row + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kv_pe = tl.load(kv_row + D_NOPE + offs_r[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q_nope, tl.trans(kv_nope), input_precision="ieee")
+            s += tl.dot(q_pe, tl.trans(kv_pe), input_precision="ieee")
+        else:
+            s = tl.dot(q_nope, tl.trans(kv_nope))
+            s += tl.dot(q_pe, tl.trans(kv_pe))
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, kv_nope.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv_nope.dtype), kv_nope)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptr = O + split * stride_os + t.to(tl.int64) * stride_ot + offs_h[:, None] * stride_oh
+    tl.store(o_ptr + offs_d[None, :], out.to(O.dtype.element_ty), mask=hmask[:, None])
+    tl.store(LSE + split * stride_ls + t.to(tl.int64) * stride_lt + offs_h, lse, mask=hmask)
+
+
+def _num_splits(tokens: int, head_blocks: int, k: int, block_k: int, device) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = tokens * head_blocks
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), k // (4 * block_k)))
+
+
+def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,
+                   block_table: torch.Tensor, token_row: torch.Tensor, scale: float, d_v: int,
+                   num_splits: int | None = None, block_h: int | None = None,
+                   block_k: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, 576], kv_cache [blocks, block_size, 576], indices int32 [T, K] (positions),
+    block_table int32 [R, max_blocks], token_row int32 [T] -> (out [T, H, d_v], lse [T, H])."""
+    t, h, d = q.shape
+    d_rope = d - d_v
+    assert d_v & (d_v - 1) == 0 and d_rope & (d_rope - 1) == 0, "d_v and the rope width must be powers of 2"
+    k = indices.shape[1]
+    q = q.contiguous()
+    kv = kv_cache.contiguous()
+    ieee = q.dtype == torch.float32
+    if block_h is None:
+        block_h = 64 if h >= 64 else max(16, triton.next_power_of_2(h))
+    if block_k is None:
+        block_k = 32 if ieee else 64
+    head_blocks = triton.cdiv(h, block_h)
+    splits = num_splits or _num_splits(t, head_blocks, k, block_k, q.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split) if k else 1
+    if splits == 1:
+        out = q.new_empty((1, t, h, d_v))
+        lse = torch.empty((1, t, h), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty((splits, t, h, d_v), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, t, h), dtype=torch.float32, device=q.device)
+    if num_warps is None:
+        num_warps = 8 if block_h * d_v >= 64 * 512 else 4
+    grid = (t, head_blocks, splits)
+    if t:
+        _sparse_mla_fwd_kernel[grid](
+            q, kv, indices, block_table, token_row, out, lse,
+            q.stride(0), q.stride(1), indices.stride(0), block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            h, k, k_per_split, kv.shape[1], scale * LOG2E,
+            D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=block_h, BLOCK_K=block_k, IEEE=ieee,
+            num_warps=num_warps, num_stages=num_stages or (1 if ieee else 2),
+        )
+    if splits == 1:
+        return out[0], lse[0]
+    return combine_splits(out, lse, q.dtype)
+
+
+def combine_splits(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """Merge partial results over disjoint key sets: out [S, T, H, D], lse [S, T, H]."""
+    total = torch.logsumexp(lse, dim=0)
+    weight = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total)[None])
+    merged = (out * weight[..., None]).sum(0)
+    return merged.to(dtype), total
+
+
+__all__ = ["sparse_mla_fwd", "combine_splits"]

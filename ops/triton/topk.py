@@ -1,0 +1,90 @@
+"""Top-k selection per row of a float32 score matrix: radix select on the float bits.
+
+One program per row. Scores map to order-preserving uint32 keys; three histogram passes over the
+row (11 + 11 + 10 bits, most significant first) pin down the exact k-th largest key T and how
+many entries equal to T are still wanted; a final pass writes the positions of keys > T and then
+the lowest positions of keys == T (deterministic ties: lower position wins), in ascending
+position order. -inf scores (masked keys) come out as -1. Entries past the row's own length are
+ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sortable(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _radix_pass(S, row_len, prefix, prefix_mask, remaining, SHIFT: tl.constexpr,
+                BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One histogram pass over the digits at SHIFT of keys matching ``prefix``: returns the
+    refined prefix, mask and the count still wanted inside the chosen digit."""
+    NB: tl.constexpr = 1 << BITS
+    hist = tl.zeros([2 * NB], tl.int32)
+    for start in range(0, row_len, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < row_len
+        key = _sortable(tl.load(S + offs, mask=inb, other=float("-inf")))
+        match = inb & ((key & prefix_mask) == prefix)
+        digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
+        hist += tl.histogram(tl.where(match, digit, NB), 2 * NB)
+    bins = tl.arange(0, 2 * NB)
+    real = bins < NB
+    hist = tl.where(real, hist, 0)
+    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # entries with digit >= bin
+    chosen = tl.max(tl.where(real & (suffix >= remaining), bins, -1), 0)
+    above = tl.sum(tl.where(real & (bins > chosen), hist, 0), 0)
+    prefix = prefix | (chosen.to(tl.uint32) << SHIFT)
+    prefix_mask = prefix_mask | ((NB - 1) << SHIFT)
+    return prefix, prefix_mask, remaining - above
+
+
+@triton.jit
+def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    row = S + r.to(tl.int64) * stride_s
+    row_len = tl.load(LEN + r)
+    kk = tl.minimum(k, row_len)
+    prefix = tl.zeros([], tl.uint32)
+    mask = tl.zeros([], tl.uint32)
+    remaining = kk
+    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 21, 11, BLOCK)
+    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 10, 11, BLOCK)
+    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 0, 10, BLOCK)
+    n_gt = kk - remaining
+    out = OUT + r.to(tl.int64) * stride_o
+    done_gt = 0
+    done_eq = 0
+    for start in range(0, row_len, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < row_len
+        x = tl.load(row + offs, mask=inb, other=float("-inf"))
+        key = _sortable(x)
+        gt = inb & (key > prefix)
+        eq = inb & (key == prefix)
+        pos = tl.where(x == float("-inf"), -1, offs)
+        c_gt = tl.cumsum(gt.to(tl.int32), 0)
+        tl.store(out + done_gt + c_gt - 1, pos, mask=gt)
+        c_eq = tl.cumsum(eq.to(tl.int32), 0) + done_eq
+        take = eq & (c_eq <= remaining)
+        tl.store(out + n_gt + c_eq - 1, pos, mask=take)
+        done_gt += tl.sum(gt.to(tl.int32), 0)
+        done_eq += tl.sum(eq.to(tl.int32), 0)
+
+
+def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """scores float32 [N, L], lengths int32 [N] (entries >= length ignored) -> int32 [N, k]:
+    the positions of each row's k largest scores (ties: lower position), -1 for -inf / missing."""
+    n = scores.shape[0]
+    out = torch.full((n, k), -1, dtype=torch.int32, device=scores.device)
+    if n and k:
+        _topk_kernel[(n,)](scores, lengths, out, scores.stride(0), out.stride(0), k, BLOCK=block,
+                           num_warps=8 if block >= 2048 else 4)
+    return out
