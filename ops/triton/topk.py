@@ -17,6 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _sortable(x):
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 == +0.0: one key, so they tie like the floats do
     bits = x.to(tl.uint32, bitcast=True)
     return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 

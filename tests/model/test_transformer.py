@@ -81,23 +81,23 @@ def test_fp8_linear_follows_the_official_fp8_gemm(load_tiny):
     model = load_tiny()
     lin = model.model.layers[0].self_attn.q_b_proj
     assert lin.weight.dtype == FP8_DTYPE and lin.act_quant
-    x = torch.randn(5, lin.in_features, generator=seeded(6)) * 3
+    x = (torch.randn(5, lin.in_features, generator=seeded(6)) * 3).to(lin.weight.device)
     with torch.inference_mode():
-        got = lin(x)
+        got = lin(x).cpu()
     d = torch.float64
     xb = x.to(d).view(5, -1, 128)
     scale = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448
     scale = torch.exp2(torch.ceil(torch.log2(scale)))  # ue8m0: up to a power of two
     xq = (xb / scale).float().to(FP8_DTYPE).to(d) * scale  # the FP8 rounding itself
-    s = lin.weight_scale_inv.to(d).repeat_interleave(128, 0)[: lin.out_features]
-    w = lin.weight.to(d) * s.repeat_interleave(128, 1)[:, : lin.in_features]
-    ref = xq.view(5, -1) @ w.T
+    s = lin.weight_scale_inv.cpu().to(d).repeat_interleave(128, 0)[: lin.out_features]
+    w = lin.weight.cpu().to(d) * s.repeat_interleave(128, 1)[:, : lin.in_features]
+    ref = xq.cpu().view(5, -1) @ w.T
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     # Off switch: the same weights without activation quantization.
     plain = load_tiny(fp8_act_quant=False).model.layers[0].self_attn.q_b_proj
     assert not plain.act_quant
     with torch.inference_mode():
-        assert (plain(x).double() - x.to(d) @ w.T).abs().max() <= 1e-5 * ref.abs().max()
+        assert (plain(x).cpu().double() - x.cpu().to(d) @ w.T).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def _covering_topk_checkpoint(tiny_dir: str, tmp_path) -> str:

@@ -122,6 +122,7 @@ def test_topk_rows_exact_sets_and_ties():
     s = torch.randn(n, length, generator=g)
     s[1] = torch.randint(0, 4, (length,), generator=g).float()  # massive ties
     s[2, 50:] = float("-inf")  # fewer finite scores than k
+    s[4, :300] = torch.where(torch.arange(300) % 2 == 0, 0.0, -0.0)  # -0.0 ties with +0.0
     lens = torch.full((n,), length, dtype=torch.int32)
     lens[3] = 100
     k = 2048 if ON_GPU else 64
