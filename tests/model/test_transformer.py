@@ -135,22 +135,23 @@ def test_dsa_with_covering_topk_is_dense_causal_mla(load_tiny, tiny_dir, tmp_pat
     attn = model.model.layers[0].self_attn
     c = model.config
     t = 37
-    x = torch.randn(t, c.dim, generator=seeded(8)) * 0.5
+    x = (torch.randn(t, c.dim, generator=seeded(8)) * 0.5).to(model.device)
     step = model.cache.prepare(rows=[0], start_pos=[0], q_lens=[t])
     cos, sin = model.cos[step.positions], model.sin[step.positions]
     with torch.inference_mode():
-        got = attn(x, step, model.cache, cos, sin)
+        got = attn(x, step, model.cache, cos, sin).cpu()
+    x, cos, sin = x.cpu(), cos.cpu(), sin.cpu()
 
     d = torch.float64
-    W = {n: getattr(attn, n).dense_weight().to(d) for n in
+    W = {n: getattr(attn, n).dense_weight().cpu().to(d) for n in
          ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
     xd, cosd, sind = x.to(d), cos.to(d), sin.to(d)
     h, nope, rope, v_dim = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    qr = _rms(xd @ W["q_a_proj"].T, attn.q_a_layernorm.weight.to(d), c.rms_norm_eps)
+    qr = _rms(xd @ W["q_a_proj"].T, attn.q_a_layernorm.weight.cpu().to(d), c.rms_norm_eps)
     q = (qr @ W["q_b_proj"].T).view(t, h, nope + rope)
     q_pe = _rope_interleaved(q[..., nope:], cosd[:, None], sind[:, None])
     kv = xd @ W["kv_a_proj_with_mqa"].T
-    latent = _rms(kv[:, :c.kv_lora_rank], attn.kv_a_layernorm.weight.to(d), c.rms_norm_eps)
+    latent = _rms(kv[:, :c.kv_lora_rank], attn.kv_a_layernorm.weight.cpu().to(d), c.rms_norm_eps)
     k_pe = _rope_interleaved(kv[:, c.kv_lora_rank:], cosd, sind)
     kv_b = (latent @ W["kv_b_proj"].T).view(t, h, nope + v_dim)
     k = torch.cat([kv_b[..., :nope], k_pe[:, None].expand(t, h, rope)], dim=-1)
