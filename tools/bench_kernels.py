@@ -70,9 +70,16 @@ def sparse_prefill(rows, peak, bw, t=4096, kv=8192, h=128, topk=2048):
     idx = scores.topk(topk, dim=-1).indices.int()
     rows_ = torch.zeros(t, dtype=torch.int32, device=DEV)
     flops = t * 2 * h * topk * (576 + 512)
-    ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512))
-    rows.append(dict(name=f"sparse MLA prefill T={t} kv={kv} h={h} topk={topk}", ms=ms,
-                     tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak))
+    for bh, bk, w, st in [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2),
+                          (128, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 1)]:
+        try:
+            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
+                                                block_h=bh, block_k=bk, num_warps=w, num_stages=st))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(name=f"sparse MLA prefill BH={bh} BK={bk} w={w} s={st} FAILED {type(e).__name__}"))
+            continue
+        rows.append(dict(name=f"sparse MLA prefill T={t} kv={kv} h={h} topk={topk} BH={bh} BK={bk} w={w} s={st}",
+                         ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak))
     # baseline: the reference backend's torch gather + matmul (chunked), on 512 queries, scaled
     sub = 512
     ms_ref = bench(lambda: ref._sparse_attention(q[:sub], cache, idx[:sub], table, rows_[:sub].long(),
@@ -106,7 +113,8 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
     q, _ = quantize_fp8_blocks(torch.randn(t, h, d, device=DEV), d)
     w = torch.rand(t, h, device=DEV)
     cu, lens = [0, t], [kv]
-    for block_m, block_n, warps, stages in [(2, 128, 8, 2), (4, 128, 8, 2), (2, 64, 4, 3), (1, 128, 4, 3)]:
+    for block_m, block_n, warps, stages in [(1, 128, 4, 3), (1, 256, 8, 3), (1, 128, 4, 4),
+                                            (1, 64, 4, 4), (2, 128, 8, 3)]:
         progs = K.indexer._programs(cu, lens, 0, t, block_m, DEV)
         width = triton.cdiv(kv, block_n) * block_n
         fn = lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, t,  # noqa: E731
@@ -129,14 +137,18 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
                      tflops=2 * h * d * t * kv / ms_t / 1e9))
 
 
-def topk(rows, n=64, length=32768, k=2048):
-    s = torch.randn(n, length, device=DEV)
-    lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
-    for block in (1024, 2048, 4096):
-        ms = bench(lambda: K.topk_rows(s, lens, k, block=block))
-        rows.append(dict(name=f"top-{k} of {length} x {n} rows (BLOCK={block})", ms=ms))
-    ms_t = bench(lambda: torch.topk(s, k, dim=-1))
-    rows.append(dict(name="  baseline: torch.topk", ms=ms_t))
+def topk(rows, k=2048, length=32768):
+    for n in (64, 1024):
+        s = torch.randn(n, length, device=DEV)
+        lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
+        ms = bench(lambda: K.topk_rows(s, lens, k))
+        rows.append(dict(name=f"top-{k} of {length} x {n} rows: radix kernel", ms=ms,
+                         gbps=n * length * 4 / ms / 1e6))
+        ms = bench(lambda: K.select_topk(s, lens, k))
+        rows.append(dict(name=f"top-{k} of {length} x {n} rows: select_topk policy", ms=ms,
+                         gbps=n * length * 4 / ms / 1e6))
+        ms_t = bench(lambda: torch.topk(s, k, dim=-1))
+        rows.append(dict(name="  baseline: torch.topk (ties unspecified)", ms=ms_t))
 
 
 def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
@@ -148,7 +160,7 @@ def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
         flops = b * 2 * h * topk * (576 + 512)
         nbytes = b * topk * 576 * 2 + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
         floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
-        for splits in (None, 1, 2, 4):
+        for splits in (None, 2):
             ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
                                                 num_splits=splits))
             rows.append(dict(name=f"sparse MLA decode B={b} ctx={ctx} topk={topk} splits={splits}",
@@ -157,7 +169,12 @@ def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
         del cache
 
 
-def decode_indexer_128k(rows, bw, b=1, ctx=131072, h=64, d=128, topk=2048):
+def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):
+    for b in (1, 32):
+        _decode_indexer(rows, bw, b, ctx, h, d, topk)
+
+
+def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     cache, table = paged_cache(b, ctx, d, torch.float32)
     kq, ks = quantize_fp8_blocks(cache, d)
     ks = ks.squeeze(-1).contiguous()

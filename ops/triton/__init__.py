@@ -2,6 +2,6 @@
 
 from .indexer import indexer_topk
 from .sparse_mla import combine_splits, sparse_mla_fwd
-from .topk import topk_rows
+from .topk import select_topk, topk_rows
 
-__all__ = ["indexer_topk", "sparse_mla_fwd", "combine_splits", "topk_rows"]
+__all__ = ["indexer_topk", "sparse_mla_fwd", "combine_splits", "topk_rows", "select_topk"]

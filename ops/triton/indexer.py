@@ -12,10 +12,11 @@ radix top-k.
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 
-from .topk import topk_rows
+from .topk import select_topk
 
 
 @triton.jit
@@ -67,7 +68,7 @@ def _indexer_logits_kernel(
 
 
 def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_size, block_m,
-                   block_n, num_warps=None, num_stages=2):
+                   block_n, num_warps=None, num_stages=3):
     """Scores [t1 - t0, width] float32 (-inf where masked) of queries t0..t1 (programs ``progs``)."""
     t, h, d = q.shape
     scores = torch.full((t1 - t0, width), float("-inf"), dtype=torch.float32, device=q.device)
@@ -107,8 +108,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         return indices, values
     cu, lens = cu_seqlens_q.tolist(), seqlens_k.tolist()  # one sync: the launch grid needs them
     ieee = q.dtype == torch.float32
-    if block_m is None:  # tl.dot needs M = block_m * h >= 16
-        block_m = max(1, (16 if ieee else 128) // h)
+    if block_m is None:  # tl.dot needs M = block_m * h >= 16; 64 heads x 1 token was fastest
+        block_m = max(1, (16 if ieee else 64) // h)
     if block_n is None:
         block_n = 32 if ieee else 128
     q = q.contiguous()
@@ -125,7 +126,7 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         scores = indexer_logits(q, weights, kc, ks, block_table,
                                 progs, t0, t1, width, k_cache.shape[1], block_m, block_n)
         row_len = (pos[t0:t1] + 1).to(torch.int32)
-        idx = topk_rows(scores, row_len, topk)
+        idx = select_topk(scores, row_len, topk)
         indices[t0:t1] = idx
         values[t0:t1] = torch.where(idx >= 0, scores.gather(1, idx.clamp_min(0).long()),
                                     float("-inf"))

@@ -10,8 +10,8 @@ partial (O, LSE) pairs. Accumulation is float32; q/kv may be bf16, fp16 or fp32.
 
 from __future__ import annotations
 
-
 import torch
+
 import triton
 import triton.language as tl
 
@@ -20,7 +20,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _sparse_mla_fwd_kernel(
-    Q, KV, IDX, BT, ROW, O, LSE,
+    Q, KV, IDX, BT, ROW, OUT, LSE,
     stride_qt, stride_qh, stride_it, stride_bt, stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
     H, K, k_per_split, block_size, scale_log2,
@@ -74,19 +74,21 @@ def _sparse_mla_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptr = O + split * stride_os + t.to(tl.int64) * stride_ot + offs_h[:, None] * stride_oh
-    tl.store(o_ptr + offs_d[None, :], out.to(O.dtype.element_ty), mask=hmask[:, None])
+    o_ptr = OUT + split * stride_os + t.to(tl.int64) * stride_ot + offs_h[:, None] * stride_oh
+    tl.store(o_ptr + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=hmask[:, None])
     tl.store(LSE + split * stride_ls + t.to(tl.int64) * stride_lt + offs_h, lse, mask=hmask)
 
 
 def _num_splits(tokens: int, head_blocks: int, k: int, block_k: int, device) -> int:
     if device.type != "cuda":
         return 1
+    # Measured on H100 (BENCHMARKS.md): splitting only pays when well under one program per
+    # SM; at 128 programs (B=64, h=128) it was 1.5x slower than no split.
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = tokens * head_blocks
-    if programs >= 2 * sms:
+    if 2 * programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), k // (4 * block_k)))
+    return max(1, min(-(-sms // programs), k // (4 * block_k)))
 
 
 def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor,

@@ -11,6 +11,7 @@ ignored.
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 
@@ -80,7 +81,22 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr):
         done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
-def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k positions per row with the policy measured fastest on H100 (BENCHMARKS.md): the
+    radix kernel (one program per row) when there are enough rows to fill the GPU, else torch's
+    parallel top-k with the reference's deterministic tie rule (few long rows, e.g. decode)."""
+    n = scores.shape[0]
+    if scores.device.type == "cuda" and n < 2 * torch.cuda.get_device_properties(
+            scores.device).multi_processor_count:
+        from dsa_ascend.backends.reference import select_topk as torch_topk
+
+        masked = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None]
+                                    >= lengths[:, None], float("-inf"))
+        return torch_topk(masked, k)[0]
+    return topk_rows(scores, lengths, k)
+
+
+def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
     """scores float32 [N, L], lengths int32 [N] (entries >= length ignored) -> int32 [N, k]:
     the positions of each row's k largest scores (ties: lower position), -1 for -inf / missing."""
     n = scores.shape[0]
