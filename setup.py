@@ -18,7 +18,8 @@ setup(
     # so pip does not replace it.
     install_requires=["torch>=2.4", "safetensors>=0.4", "tokenizers>=0.15", "numpy"],
     extras_require={
-        "test": ["pytest>=7"],
+        # triton runs the CUDA kernels' tests on a CPU under its interpreter
+        "test": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'"],
         "cuda": ["triton>=3.0"],
         # torch-npu pins an exact torch and needs the CANN toolkit; never install it elsewhere.
         "npu": ["torch-npu"],

@@ -141,9 +141,10 @@ def topk(rows, k=2048, length=32768):
     for n in (64, 1024):
         s = torch.randn(n, length, device=DEV)
         lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
-        ms = bench(lambda: K.topk_rows(s, lens, k))
-        rows.append(dict(name=f"top-{k} of {length} x {n} rows: radix kernel", ms=ms,
-                         gbps=n * length * 4 / ms / 1e6))
+        for block, byte in ((4096, False), (4096, True), (2048, True), (8192, True)):
+            ms = bench(lambda: K.topk_rows(s, lens, k, block=block, byte_digits=byte))
+            rows.append(dict(name=f"top-{k} of {length} x {n} rows: radix kernel B={block} 8bit={byte}",
+                             ms=ms, gbps=n * length * 4 / ms / 1e6))
         ms = bench(lambda: K.select_topk(s, lens, k))
         rows.append(dict(name=f"top-{k} of {length} x {n} rows: select_topk policy", ms=ms,
                          gbps=n * length * 4 / ms / 1e6))

@@ -49,7 +49,7 @@ def _radix_pass(S, row_len, prefix, prefix_mask, remaining, SHIFT: tl.constexpr,
 
 
 @triton.jit
-def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr):
+def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_DIGITS: tl.constexpr):
     r = tl.program_id(0)
     row = S + r.to(tl.int64) * stride_s
     row_len = tl.load(LEN + r)
@@ -57,9 +57,15 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr):
     prefix = tl.zeros([], tl.uint32)
     mask = tl.zeros([], tl.uint32)
     remaining = kk
-    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 21, 11, BLOCK)
-    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 10, 11, BLOCK)
-    prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 0, 10, BLOCK)
+    if BYTE_DIGITS:  # 4 passes of 8-bit digits: small histograms
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 24, 8, BLOCK)
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 16, 8, BLOCK)
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 8, 8, BLOCK)
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 0, 8, BLOCK)
+    else:  # 3 passes of 11/11/10-bit digits
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 21, 11, BLOCK)
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 10, 11, BLOCK)
+        prefix, mask, remaining = _radix_pass(row, row_len, prefix, mask, remaining, 0, 10, BLOCK)
     n_gt = kk - remaining
     out = OUT + r.to(tl.int64) * stride_o
     done_gt = 0
@@ -96,12 +102,13 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Te
     return topk_rows(scores, lengths, k)
 
 
-def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096) -> torch.Tensor:
+def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,
+              byte_digits: bool = False) -> torch.Tensor:
     """scores float32 [N, L], lengths int32 [N] (entries >= length ignored) -> int32 [N, k]:
     the positions of each row's k largest scores (ties: lower position), -1 for -inf / missing."""
     n = scores.shape[0]
     out = torch.full((n, k), -1, dtype=torch.int32, device=scores.device)
     if n and k:
         _topk_kernel[(n,)](scores, lengths, out, scores.stride(0), out.stride(0), k, BLOCK=block,
-                           num_warps=8 if block >= 2048 else 4)
+                           BYTE_DIGITS=byte_digits, num_warps=8 if block >= 2048 else 4)
     return out

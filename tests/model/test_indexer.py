@@ -1,0 +1,209 @@
+"""The lightning indexer of the tiny checkpoint, driven through real (chunked, two-row) steps of
+the paged cache, against a float64 re-implementation of DSA_SPEC §5 written here:
+
+q = wq_b qr -> [H, 128]; k = LayerNorm(wk x); half-split RoPE on channels [0, 64) of both;
+fp8 mode: Hadamard (Sylvester, 128^-0.5) then per-token-per-head FP8 (ue8m0 scales), weights
+w_h = weights_proj(x)_h H^-0.5 q_scale_h D^-0.5, I(t, s) = k_scale(s) sum_h w_h ReLU(q8 . k8);
+bf16 mode: no rotation, no quantization, w_h = weights_proj(x)_h H^-0.5 D^-0.5.
+Causal; top-k = min(index_topk, step's longest sequence), -1 padded.
+
+FP8 rounding itself cannot be done in float64, so ``quant.quantize_fp8_blocks`` rounds the
+float64 values (tested on its own in tests/test_quant.py). The model computes the same values
+in float32, so an element lying within float32 error of an e4m3 rounding midpoint may round the
+other way there: such elements are found here and their worst effect (one e4m3 step) is added
+to the margin a top-k choice must clear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import EXACT, seeded
+
+from dsa_ascend.quant import FP8_DTYPE, quantize_fp8_blocks
+
+F32_EPS = 2.0 ** -24
+# float32 error of the values entering FP8 rounding (two GEMMs of depth <= 256, LayerNorm,
+# RoPE, 7 Hadamard stages), relative to the largest value of their block: the classical
+# worst-case bound is ~ 256 * 2^-24 * (sum of |terms|) ~ 5e-5 of it; measured ~4e-7.
+PRE_QUANT_REL = 2.0 ** -14
+# float32 error of a score relative to the sum of the absolute values of its terms
+# (sum_h |w_h| sum_i |q_hi k_i|): its own dot products / head sum (~(128 + 8) * 2^-24) and
+# the float32 q, k and weights feeding it (<= 2 * PRE_QUANT_REL in bf16 mode): 2^-10 bounds both.
+SCORE_REL = 2.0 ** -10
+
+# Two rows in two chunked-prefill steps (start, length), block_size 16: pages interleave.
+STEPS = [([0, 1], [0, 0], [30, 12]), ([0, 1], [30, 12], [18, 5])]
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+    return h * n ** -0.5
+
+
+def _rope_half64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Half-split RoPE on channels [0, rope_dim): pairs (x_i, x_{i + rope_dim/2})."""
+    half = rope_dim // 2
+    a, b = x[..., :half], x[..., half:rope_dim]
+    c, s = cos.double(), sin.double()
+    return torch.cat([a * c - b * s, a * s + b * c, x[..., rope_dim:]], dim=-1)
+
+
+def _fp8_step(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of e4m3 values around |v| (v in FP8 units): 2^(e-3) in binade [2^e, 2^(e+1)),
+    2^-9 below the smallest normal 2^-6."""
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))
+    return torch.exp2(e - 3)
+
+
+def _quantize64(x: torch.Tensor, ue8m0: bool):
+    """FP8 per 128-channel row of x (float64): (values as float64, scale float64, ambiguity
+    [..., D] = one e4m3 step where float32 inputs might round differently else 0, and
+    [...] True where the scale itself might come out differently)."""
+    q, scale = quantize_fp8_blocks(x, x.shape[-1], ue8m0)
+    scale = scale.double()
+    v = x / scale
+    amax = x.abs().amax(-1, keepdim=True)
+    step = _fp8_step(v)
+    # Distance of v to the nearest rounding midpoint (k + 1/2) * step.
+    frac = torch.remainder(v.abs() / step, 1.0)
+    dist = (frac - 0.5).abs() * step
+    amb = dist <= PRE_QUANT_REL * amax / scale
+    ambiguity = torch.where(amb, step, torch.zeros_like(step))
+    ratio = torch.log2(amax.squeeze(-1) / 448.0)
+    scale_amb = (ratio - ratio.round()).abs() < 2 * PRE_QUANT_REL if ue8m0 else torch.zeros_like(ratio, dtype=torch.bool)
+    return q.double(), scale.squeeze(-1), ambiguity, scale_amb
+
+
+def _reference(ix, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp8: bool,
+               ue8m0: bool) -> dict:
+    """Float64 indexer quantities of one sequence's tokens (positions 0..L-1)."""
+    t = x.shape[0]
+    h, d, r = ix.n_heads, ix.head_dim, ix.rope_dim
+    x64, qr64 = x.double(), qr.double()
+    q = (qr64 @ ix.wq_b.dense_weight().double().T).view(t, h, d)
+    q = _rope_half64(q, cos[:, None], sin[:, None], r)
+    z = x64 @ ix.wk.dense_weight().double().T
+    k = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    k = k * ix.k_norm.weight.double() + ix.k_norm.bias.double()
+    k = _rope_half64(k, cos, sin, r)
+    w = (x64 @ ix.weights_proj.weight.double().T) * h ** -0.5
+    out = dict(q_amb=torch.zeros(t, h, d, dtype=torch.float64), k_amb=torch.zeros(t, d, dtype=torch.float64),
+               bad_q=torch.zeros(t, dtype=torch.bool), bad_k=torch.zeros(t, dtype=torch.bool))
+    if fp8:
+        had = _sylvester(d)
+        q, q_scale, out["q_amb"], q_scale_amb = _quantize64(q @ had.T, ue8m0)
+        k, k_scale, out["k_amb"], out["bad_k"] = _quantize64(k @ had.T, ue8m0)
+        out["bad_q"] = q_scale_amb.any(-1)
+        w = w * q_scale * d ** -0.5
+    else:
+        k_scale = torch.ones(t, dtype=torch.float64)
+        w = w * d ** -0.5
+    out.update(q=q, k=k, w=w, k_scale=k_scale)
+    return out
+
+
+def _scores(ref: dict, tok: int, pos: int):
+    """I(tok, s) for s <= pos, the sum of |terms|, and the worst change from FP8 elements that
+    may round the other way in float32."""
+    q, k, w, ks = ref["q"][tok], ref["k"][: pos + 1], ref["w"][tok], ref["k_scale"][: pos + 1]
+    score = (w @ (q @ k.T).clamp_min(0)) * ks
+    absum = (w.abs() @ (q.abs() @ k.abs().T)) * ks
+    qa, ka = ref["q_amb"][tok], ref["k_amb"][: pos + 1]
+    flip = (w.abs() @ (qa @ k.abs().T + q.abs() @ ka.T + qa @ ka.T)) * ks
+    return score, absum, flip
+
+
+def _run_steps(m, ix, g):
+    cfg = m.config
+    xs = {0: [], 1: []}
+    qrs = {0: [], 1: []}
+    results = []
+    for rows, starts, q_lens in STEPS:
+        step = m.cache.prepare(rows=rows, start_pos=starts, q_lens=q_lens)
+        t = sum(q_lens)
+        x = torch.randn(t, cfg.dim, generator=g)
+        qr = torch.randn(t, cfg.q_lora_rank, generator=g)
+        dev = m.device
+        with torch.no_grad():
+            idx = ix(x.to(dev), qr.to(dev), step, m.cache, m.cos[step.positions], m.sin[step.positions])
+        results.append((step, idx.cpu()))
+        for r, part_x, part_qr in zip(rows, x.split(q_lens), qr.split(q_lens)):
+            xs[r].append(part_x)
+            qrs[r].append(part_qr)
+    return results, {r: torch.cat(v) for r, v in xs.items()}, {r: torch.cat(v) for r, v in qrs.items()}
+
+
+@pytest.mark.parametrize("indexer_dtype", ["fp8", "bf16"])
+def test_indexer_topk_matches_float64_spec(load_tiny, indexer_dtype):
+    m = load_tiny(**EXACT, indexer_dtype=indexer_dtype, block_size=16)
+    cfg = m.config
+    ix = m.model.layers[1].self_attn.indexer
+    fp8 = indexer_dtype == "fp8"
+    assert (m.cache.layers[1].index_k.dtype == FP8_DTYPE) == fp8
+    results, xs, qrs = _run_steps(m, ix, seeded(3))
+    cos64, sin64 = m.cos.cpu(), m.sin.cpu()
+    refs = {r: _reference(ix, xs[r], qrs[r], cos64[: len(xs[r])], sin64[: len(xs[r])], fp8, cfg.ue8m0)
+            for r in xs}
+
+    checked = skipped = padded = 0
+    for step, idx in results:
+        topk = min(cfg.index_topk, step.max_seqlen_k)
+        assert idx.dtype == torch.int32 and idx.shape == (step.num_tokens, topk)
+        tok = 0
+        for r, start, n in zip(step.rows, step.start_pos, step.q_lens):
+            ref = refs[r]
+            for pos in range(start, start + n):
+                got = idx[tok]
+                tok += 1
+                n_valid = min(topk, pos + 1)
+                assert (got[:n_valid] >= 0).all() and (got[n_valid:] == -1).all(), (r, pos, got)
+                padded += n_valid < topk
+                sel = got[:n_valid].long()
+                assert sel.max().item() <= pos and len(set(sel.tolist())) == n_valid  # causal
+                if n_valid == pos + 1:
+                    assert set(sel.tolist()) == set(range(pos + 1))
+                    checked += 1
+                    continue
+                score, absum, flip = _scores(ref, pos, pos)
+                srt = score.sort(descending=True).values
+                gap = (srt[n_valid - 1] - srt[n_valid]).item()
+                margin = 2 * flip.max().item() + SCORE_REL * absum.max().item()
+                unsure = ref["bad_q"][pos] or ref["bad_k"][: pos + 1].any()
+                if gap <= margin or unsure:
+                    skipped += 1  # a near-tie (within rounding): either choice is right
+                    continue
+                assert set(sel.tolist()) == set(score.topk(n_valid).indices.tolist()), (r, pos)
+                checked += 1
+    total = sum(sum(q) for _, _, q in STEPS)
+    assert padded >= 20  # row 1's first step and the first 15 positions of row 0
+    print(f"indexer {indexer_dtype}: {checked} queries checked, {skipped} near-ties skipped")
+    assert checked + skipped == total and skipped <= total // 10, (checked, skipped)
+
+
+def test_indexer_k_cache_holds_the_spec_keys(load_tiny):
+    """The FP8 keys and scales the indexer writes to the paged cache are the spec's k8, k_scale
+    (exactly, for elements that cannot round either way)."""
+    m = load_tiny(**EXACT, indexer_dtype="fp8", block_size=16)
+    ix = m.model.layers[1].self_attn.indexer
+    results, xs, qrs = _run_steps(m, ix, seeded(4))
+    layer = m.cache.layers[1]
+    bs = layer.index_k.shape[1]
+    for r in xs:
+        n = len(xs[r])
+        ref = _reference(ix, xs[r], qrs[r], m.cos.cpu()[:n], m.sin.cpu()[:n], True, m.config.ue8m0)
+        pages = m.cache.block_table[r].cpu().long()
+        pos = torch.arange(n)
+        k8 = layer.index_k.cpu().view(torch.uint8)[pages[pos // bs], pos % bs].view(FP8_DTYPE).double()
+        ks = layer.index_scale.cpu()[pages[pos // bs], pos % bs].double()
+        ok = ~ref["bad_k"]
+        assert torch.equal(ks[ok], ref["k_scale"][ok])
+        sure = (ref["k_amb"] == 0) & ok[:, None]
+        assert torch.equal(k8[sure], ref["k"][sure])
+        # Elements that may round either way are at most one e4m3 step off.
+        assert ((k8 - ref["k"]).abs() <= ref["k_amb"] + 0.0).where(ok[:, None], True).all()
+        assert sure.float().mean() > 0.9 and math.isfinite(ks.sum().item())
