@@ -12,7 +12,9 @@ Conventions shared by all ops (T = packed query tokens of R sequences):
 - ``block_table`` int32 [R, max_blocks]: pages of each sequence in the paged cache
   (cache tensors are [num_blocks, block_size, ...]);
 - top-k ``indices`` hold absolute positions within the sequence (not slots), int32, the valid
-  ones first in descending score order (ties: lower position first), ``-1`` padding after.
+  ones first and ``-1`` padding after. The SET is the contract (ties: lower position wins);
+  the order of the valid entries is not (the reference sorts them by descending score, the
+  Triton kernels return ascending positions).
 """
 
 from __future__ import annotations

@@ -136,8 +136,9 @@ class Transformer(nn.Module):
         for i, s in enumerate(seqs):
             if s.dim() != 1:
                 raise ValueError(f"sequence {i} must be 1-D token ids, got shape {tuple(s.shape)}")
-        tokens = torch.cat(seqs).to(self.device, torch.int64)
-        self._check_tokens(tokens)
+        tokens = torch.cat(seqs)
+        self._check_tokens(tokens)  # before the copy: host token lists cost no device sync
+        tokens = tokens.to(self.device, torch.int64)
         step = self.cache.prepare(rows, start_pos, [len(s) for s in seqs])
         h = self._hidden(tokens, step)
         if last_only:
