@@ -1,7 +1,8 @@
 """Top-k selection per row of a float32 score matrix: radix select on the float bits.
 
 One program per row. Scores map to order-preserving uint32 keys; four histogram passes over the
-row (8-bit digits, most significant first; 11/11/10-bit digits measured 4.8x slower) pin down the exact k-th largest key T and how
+row (8-bit digits, most significant first; 11/11/10-bit digits measured 4.8x slower) pin down
+the exact k-th largest key T and how
 many entries equal to T are still wanted; a final pass writes the positions of keys > T and then
 the lowest positions of keys == T (deterministic ties: lower position wins), in ascending
 position order. -inf scores (masked keys) come out as -1. Entries past the row's own length are

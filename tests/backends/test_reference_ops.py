@@ -132,7 +132,8 @@ def test_quantize_fp8_op_scales_and_values(backend, device, ue8m0):
 
 # ------------------------------------------------------------------------------ indexer_topk
 # (start position, query length) of each row: chunked prefill (start > 0), a long row and a
-# single-token (decode-like) row; positions < topk - 1 leave fewer eligible keys than topk.
+# single-token (decode-like) row and a row from position 0; positions < topk - 1 leave fewer
+# eligible keys than topk.
 INDEXER_ROWS = [(3, 20), (40, 7), (9, 1), (0, 5)]
 TOPK, IDX_HEADS, IDX_DIM, BLOCK = 16, 4, 128, 16
 
@@ -159,7 +160,19 @@ def _indexer_case(seed: int, fp8: bool):
                 cu=_cu(q_lens), seqlens=torch.tensor(lens, dtype=torch.int32))
 
 
-def _indexer_ref(case, row: int, tok: int, pos: int):
+def dot_rel(backend: str, fp8: bool, d: int, h: int) -> float:
+    """Error of an indexer score relative to the sum of the absolute values of its terms.
+    float32 accumulation (the reference; IEEE float32 dots on GPUs): (D + H + 4) 2^-24. FP8
+    operands on a GPU backend go through tensor cores whose FP8 accumulation keeps only about 14
+    mantissa bits on Hopper (DeepSeek-V3 report, section 3.3.2), the official kernels included:
+    a D = 128 dot is four k = 32 MMA steps, each losing at most ~2^-14 of the terms so far, so
+    8 x 2^-14 leaves a factor 2."""
+    if fp8 and backend != "reference":
+        return 8 * 2.0 ** -14
+    return (d + h + 4) * F32_EPS
+
+
+def _indexer_ref(case, row: int, tok: int, pos: int, rel: float = None):
     """Float64 I(t, s) for s <= pos; an elementwise bound on a float32 computation's error; and
     which keys are "robust": every head's q . k is farther from 0 than its float32 error bound,
     so ReLU zeroes exactly the same heads in float32 (an exact 0 score stays exactly 0)."""
@@ -174,23 +187,24 @@ def _indexer_ref(case, row: int, tok: int, pos: int):
     if case["k_scale"] is not None:
         ks = _gather(case["k_scale"].double(), case["table"], row, range(pos + 1))
         score, absum = score * ks, absum * ks
-    bound = (IDX_DIM + IDX_HEADS + 4) * F32_EPS * absum
+    rel = dot_rel("reference", False, IDX_DIM, IDX_HEADS) if rel is None else rel
+    bound = rel * absum
     return score, bound, robust
 
 
 def _expected_topk(ref: torch.Tensor, bound: torch.Tensor, robust: torch.Tensor, k: int):
     """The float64 top-k set with the ops' tie rule (lower position first), or None when float32
-    rounding could change it: the k-th and (k+1)-th scores closer than the rounding allows, or
-    an exact tie (ReLU zeros) that involves a key whose zero is not robust."""
+    rounding could change it. A key whose score is an exact, robust ReLU zero is exactly 0 in
+    float32 too (no error); any other key's float32 score lies within ``bound`` of ``ref``. The
+    set is sure when every chosen key beats every other key by more than their two bounds, or
+    ties it exactly with no error on either side and a lower position."""
+    err = torch.where((ref == 0) & robust, torch.zeros_like(bound), bound)
     order = sorted(range(ref.numel()), key=lambda s: (-ref[s].item(), s))
-    kth, nxt = ref[order[k - 1]].item(), ref[order[k]].item()
-    thr = max(2 * bound.max().item(), 1e-4 * ref.abs().max().item())
-    if kth != nxt:
-        return set(order[:k]) if kth - nxt > thr else None
-    near = (ref - kth).abs() <= thr
-    if (ref[near] == kth).all() and robust[near].all():
-        return set(order[:k])
-    return None
+    chosen, rest = torch.tensor(order[:k]), torch.tensor(order[k:])
+    beats = (ref[chosen] - err[chosen])[:, None] > (ref[rest] + err[rest])[None, :]
+    exact = ((err[chosen][:, None] == 0) & (err[rest][None, :] == 0)
+             & (ref[chosen][:, None] == ref[rest][None, :]) & (chosen[:, None] < rest[None, :]))
+    return set(order[:k]) if (beats | exact).all() else None
 
 
 @pytest.mark.parametrize("mode", ["fp8", "float"])
@@ -205,12 +219,13 @@ def test_indexer_topk_paged_chunked_prefill(backend, device, mode):
     assert idx.dtype == torch.int32 and idx.shape == (t, TOPK)
     assert val.dtype == torch.float32 and val.shape == (t, TOPK)
 
-    checked = skipped = padded_rows = zero_ties = 0
+    rel = dot_rel(backend, mode == "fp8", IDX_DIM, IDX_HEADS)
+    checked = skipped = padded_rows = 0
     tok = 0
     for row, (start, n) in enumerate(INDEXER_ROWS):
         for i in range(n):
             pos = start + i
-            ref, bound, robust = _indexer_ref(case, row, tok, pos)
+            ref, bound, robust = _indexer_ref(case, row, tok, pos, rel)
             n_valid = min(TOPK, pos + 1)
             got_i, got_v = idx[tok], val[tok]
             # -1 / -inf padding exactly when fewer than topk keys are eligible.
@@ -220,13 +235,15 @@ def test_indexer_topk_paged_chunked_prefill(backend, device, mode):
             sel = got_i[:n_valid].long()
             # Causal and distinct.
             assert sel.max().item() <= pos and len(set(sel.tolist())) == n_valid
-            # Scores are the float64 scores of the returned positions, in descending order
-            # (equal scores: ascending position).
+            # Scores are the float64 scores of the returned positions.
             v = got_v[:n_valid].double()
             assert ((v - ref[sel]).abs() <= bound[sel]).all(), (tok, (v - ref[sel]).abs().max())
-            assert (v[:-1] >= v[1:]).all()
-            ties = v[:-1] == v[1:]
-            assert (sel[:-1][ties] < sel[1:][ties]).all()
+            if backend == "reference":
+                # The order of the valid entries is not part of the op contract (ops.py); the
+                # reference promises descending scores, equal scores by ascending position.
+                assert (v[:-1] >= v[1:]).all()
+                ties = v[:-1] == v[1:]
+                assert (sel[:-1][ties] < sel[1:][ties]).all()
             # The index set is the float64 top-k set (ties: lower positions), where float32
             # rounding cannot change it.
             if n_valid == pos + 1:
@@ -239,11 +256,62 @@ def test_indexer_topk_paged_chunked_prefill(backend, device, mode):
                 else:
                     assert set(sel.tolist()) == want, tok
                     checked += 1
-                    zero_ties += (ref[sel] == 0).any().item() and (ref == 0).sum().item() > (ref[sel] == 0).sum().item()
             tok += 1
     assert padded_rows >= 10  # the early positions of rows 0 and 3 really exercise the padding
-    assert skipped <= 2 and checked >= t - 2, (checked, skipped)
-    assert zero_ties >= 1  # some query's k-th place is an exact tie among ReLU zeros
+    # Near-ties are rare at float32 precision: the test keeps its teeth. With FP8 tensor-core
+    # accumulation the margins are ~60x wider; still, half of the 14 queries with more than
+    # topk eligible keys must be decided.
+    assert skipped <= (3 if rel < 1e-4 else 7), (checked, skipped)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "float"])
+def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode):
+    """Bit-identical keys (and scales) repeated over the sequence give exactly equal scores:
+    the op contract keeps the lowest positions among equal scores (the set is the contract;
+    the reference also orders equal scores by ascending position)."""
+    g = seeded(23)
+    lens, q_lens, topk = [45, 2], [3, 2], 8
+    table, n_blocks = _paged(lens, BLOCK, g)
+    q = torch.randn(5, IDX_HEADS, IDX_DIM, generator=g)
+    w = torch.rand(5, IDX_HEADS, generator=g) + 0.5
+    if mode == "fp8":
+        q, _ = quantize_fp8_blocks(q, IDX_DIM)
+    for _ in range(50):  # draw three keys until every query scores them clearly apart
+        base = torch.randn(3, IDX_DIM, generator=g)
+        base_scale = torch.ones(3, 1)
+        if mode == "fp8":
+            base, base_scale = quantize_fp8_blocks(base, IDX_DIM)
+        # Float64 score of each distinct key for each query.
+        dots = torch.einsum("thd,bd->thb", q.float().double(), base.float().double())
+        per_base = torch.einsum("thb,th->tb", dots.clamp_min(0), w.double()) * base_scale.double().view(1, 3)
+        srt = per_base.sort(-1).values
+        if ((srt[:, 1:] - srt[:, :-1]) > 1e-3 * srt[:, -1:]).all():
+            break
+    else:
+        raise AssertionError("no well-separated keys in 50 draws")
+    pattern = torch.randint(0, 3, (n_blocks, BLOCK), generator=g)
+    k = (base.view(torch.uint8) if mode == "fp8" else base)[pattern]
+    k = k.view(FP8_DTYPE) if mode == "fp8" else k
+    k_scale = base_scale.squeeze(-1)[pattern] if mode == "fp8" else None
+    cu = _cu(q_lens)
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    idx, _ = Ops(backend).indexer_topk(dev(q), dev(w), dev(k), dev(k_scale), dev(table), dev(cu),
+                                         dev(torch.tensor(lens, dtype=torch.int32)), topk)
+    idx = idx.cpu()
+    tok = 0
+    for row, (length, n) in enumerate(zip(lens, q_lens)):
+        which = _gather(pattern, table, row, range(length))
+        for pos in range(length - n, length):
+            # The three keys score far apart (relative 1e-3): every equality below is exact.
+            want, _ = _topk_python(per_base[tok, which[: pos + 1]].tolist(), topk)
+            n_valid = min(topk, pos + 1)
+            got = idx[tok].tolist()
+            assert set(got[:n_valid]) == set(want[:n_valid]), (tok, got, want)
+            assert got[n_valid:] == want[n_valid:] == [-1] * (topk - n_valid)
+            if backend == "reference":
+                assert got == want
+            tok += 1
+    assert (idx == -1).any()
 
 
 def test_indexer_topk_topk_larger_than_every_row(backend, device):
@@ -251,9 +319,9 @@ def test_indexer_topk_topk_larger_than_every_row(backend, device):
     case = _indexer_case(22, fp8=False)
     ops = Ops(backend)
     big = 64
-    idx, val = ops.indexer_topk(case["q"].to(device), case["w"].to(device), case["k"].to(device), None,
-                                case["table"].to(device), case["cu"].to(device),
-                                case["seqlens"].to(device), big)
+    idx, _ = ops.indexer_topk(case["q"].to(device), case["w"].to(device), case["k"].to(device), None,
+                              case["table"].to(device), case["cu"].to(device),
+                              case["seqlens"].to(device), big)
     idx = idx.cpu()
     tok = 0
     for start, n in INDEXER_ROWS:

@@ -71,8 +71,11 @@ def _quantize64(x: torch.Tensor, ue8m0: bool):
     dist = (frac - 0.5).abs() * step
     amb = dist <= PRE_QUANT_REL * amax / scale
     ambiguity = torch.where(amb, step, torch.zeros_like(step))
+    # With ue8m0 the scale is a power of two: amax / 448 near one may round up either way.
     ratio = torch.log2(amax.squeeze(-1) / 448.0)
-    scale_amb = (ratio - ratio.round()).abs() < 2 * PRE_QUANT_REL if ue8m0 else torch.zeros_like(ratio, dtype=torch.bool)
+    scale_amb = (ratio - ratio.round()).abs() < 2 * PRE_QUANT_REL
+    if not ue8m0:
+        scale_amb = torch.zeros_like(scale_amb)
     return q.double(), scale.squeeze(-1), ambiguity, scale_amb
 
 
@@ -82,13 +85,13 @@ def _reference(ix, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: to
     t = x.shape[0]
     h, d, r = ix.n_heads, ix.head_dim, ix.rope_dim
     x64, qr64 = x.double(), qr.double()
-    q = (qr64 @ ix.wq_b.dense_weight().double().T).view(t, h, d)
+    q = (qr64 @ ix.wq_b.dense_weight().double().cpu().T).view(t, h, d)
     q = _rope_half64(q, cos[:, None], sin[:, None], r)
-    z = x64 @ ix.wk.dense_weight().double().T
+    z = x64 @ ix.wk.dense_weight().double().cpu().T
     k = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-6)
-    k = k * ix.k_norm.weight.double() + ix.k_norm.bias.double()
+    k = k * ix.k_norm.weight.double().cpu() + ix.k_norm.bias.double().cpu()
     k = _rope_half64(k, cos, sin, r)
-    wp = ix.weights_proj.weight.double()
+    wp = ix.weights_proj.weight.double().cpu()
     w = (x64 @ wp.T) * h ** -0.5
     # float32 weights_proj: a dot of depth dim, then the scalings (a few ulps).
     w_err = ((x.shape[1] + 4) * F32_EPS * (x64.abs() @ wp.abs().T)) * h ** -0.5
@@ -107,7 +110,15 @@ def _reference(ix, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: to
     return out
 
 
-def _scores(ref: dict, tok: int, pos: int):
+def _dot_rel(backend: str, fp8: bool, d: int, h: int) -> float:
+    """As in tests/backends/test_reference_ops.py: float32 accumulation, or FP8 tensor cores
+    (~14-bit accumulation on Hopper) for FP8 operands on a GPU backend."""
+    if fp8 and backend != "reference":
+        return 8 * 2.0 ** -14
+    return (d + h + 4) * F32_EPS
+
+
+def _scores(ref: dict, tok: int, pos: int, backend: str = "reference"):
     """I(tok, s) for s <= pos, and per key s a bound on how far a float32 evaluation may be
     from it: float32 dot products and head sum ((D + H + 4) 2^-24 of the sum of |terms|), the
     head weights' own float32 error, and the values feeding the dot products: in fp8 mode the
@@ -118,7 +129,7 @@ def _scores(ref: dict, tok: int, pos: int):
     dots = q @ k.T  # [H, L]
     score = (w @ dots.clamp_min(0)) * ks
     abs_dots = q.abs() @ k.abs().T
-    err = (d + h + 4) * F32_EPS * (w.abs() @ abs_dots)
+    err = _dot_rel(backend, ref["fp8"], d, h) * (w.abs() @ abs_dots)
     err = err + ref["w_err"][tok] @ dots.clamp_min(0)
     if ref["fp8"]:
         qa, ka = ref["q_amb"][tok], ref["k_amb"][: pos + 1]
@@ -162,7 +173,7 @@ def _run_steps(m, ix, g):
 
 
 @pytest.mark.parametrize("indexer_dtype", ["fp8", "bf16"])
-def test_indexer_topk_matches_float64_spec(load_tiny, indexer_dtype):
+def test_indexer_topk_matches_float64_spec(load_tiny, backend, indexer_dtype):
     m = load_tiny(**EXACT, indexer_dtype=indexer_dtype, block_size=16)
     cfg = m.config
     ix = m.model.layers[1].self_attn.indexer
@@ -192,7 +203,7 @@ def test_indexer_topk_matches_float64_spec(load_tiny, indexer_dtype):
                     assert set(sel.tolist()) == set(range(pos + 1))
                     checked += 1
                     continue
-                score, err = _scores(ref, pos, pos)
+                score, err = _scores(ref, pos, pos, backend)
                 want = _expected(score, err, n_valid)
                 if want is None or ref["bad_q"][pos] or ref["bad_k"][: pos + 1].any():
                     skipped += 1  # a near-tie (within rounding): either choice is right
@@ -202,7 +213,10 @@ def test_indexer_topk_matches_float64_spec(load_tiny, indexer_dtype):
     total = sum(sum(q) for _, _, q in STEPS)
     assert padded >= 20  # row 1's first step and the first 15 positions of row 0
     print(f"indexer {indexer_dtype}: {checked} queries checked, {skipped} near-ties skipped")
-    assert checked + skipped == total and skipped <= total // 5, (checked, skipped)
+    # Near-ties are rare at float32 precision; FP8 tensor-core accumulation (a GPU backend)
+    # widens the margins ~60x, so more queries are left undecided there.
+    exact = _dot_rel(backend, fp8, ix.head_dim, ix.n_heads) < 1e-4
+    assert checked + skipped == total and skipped <= (total // 5 if exact else total // 2), (checked, skipped)
 
 
 def test_indexer_k_cache_holds_the_spec_keys(load_tiny):

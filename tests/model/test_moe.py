@@ -62,15 +62,16 @@ def test_gate_selects_and_weights_like_the_spec(load_tiny):
     assert cfg.n_dense_layers == 1 and cfg.n_expert_groups > cfg.n_limited_groups > 0
     x = _inputs(cfg, 0)
     with torch.no_grad():
-        w, experts = gate(x)
+        w, experts = (a.cpu() for a in gate(x.to(m.device)))
     assert w.dtype == torch.float32 and w.shape == (TOKENS, cfg.n_activated_experts)
     assert experts.dtype == torch.int64 and experts.shape == (TOKENS, cfg.n_activated_experts)
 
-    sets, ref_w, margins = _route64(x, gate.weight, gate.e_score_correction_bias, cfg)
-    eps = _margin_bound(x, gate.weight)
+    weight, bias = gate.weight.cpu(), gate.e_score_correction_bias.cpu()
+    sets, ref_w, margins = _route64(x, weight, bias, cfg)
+    eps = _margin_bound(x, weight)
     checked = 0
     got64, ref64, ref32 = [], [], []
-    s32 = torch.sigmoid(x @ gate.weight.T)  # the test's own float32 scores, for the tolerance
+    s32 = torch.sigmoid(x @ weight.T)  # the test's own float32 scores, for the tolerance
     for t in range(TOKENS):
         got = experts[t].tolist()
         assert len(set(got)) == len(got)
@@ -98,25 +99,29 @@ def test_the_gate_test_can_tell_the_variants_apart(load_tiny):
     m = load_tiny(**EXACT)
     cfg, gate = m.config, m.model.layers[1].mlp.gate
     x = _inputs(cfg, 0)
-    sets, ref_w, _ = _route64(x, gate.weight, gate.e_score_correction_bias, cfg)
-    no_bias, _, _ = _route64(x, gate.weight, gate.e_score_correction_bias, cfg, use_bias=False)
-    no_groups, _, _ = _route64(x, gate.weight, gate.e_score_correction_bias, cfg, groups=False)
+    weight, bias = gate.weight.cpu(), gate.e_score_correction_bias.cpu()
+    sets, ref_w, _ = _route64(x, weight, bias, cfg)
+    no_bias, _, _ = _route64(x, weight, bias, cfg, use_bias=False)
+    no_groups, _, _ = _route64(x, weight, bias, cfg, groups=False)
     assert sum(a != b for a, b in zip(sets, no_bias)) >= 3
     assert sum(a != b for a, b in zip(sets, no_groups)) >= 3
-    assert gate.e_score_correction_bias.abs().max().item() > 0.01
+    assert bias.abs().max().item() > 0.01
+
+
+def _swiglu(mlp, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """down(silu(gate x) * up x) with the dequantized weights, in ``dtype``."""
+    gate, up, down = (lin.dense_weight().cpu().to(dtype) for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
 def _moe_ref(moe, x, sets, weights, dtype):
+    """sum_e weight_e expert_e(x) + shared(x), token by token."""
     xd = x.to(dtype)
     y = torch.zeros(x.shape, dtype=dtype)
     for t in range(x.shape[0]):
         for e in sets[t]:
-            mlp = moe.experts[e]
-            h = F.silu(xd[t] @ mlp.gate_proj.dense_weight().to(dtype).T) * (xd[t] @ mlp.up_proj.dense_weight().to(dtype).T)
-            y[t] += weights[t][e] * (h @ mlp.down_proj.dense_weight().to(dtype).T)
-    sh = moe.shared_experts
-    h = F.silu(xd @ sh.gate_proj.dense_weight().to(dtype).T) * (xd @ sh.up_proj.dense_weight().to(dtype).T)
-    return y + h @ sh.down_proj.dense_weight().to(dtype).T
+            y[t] += weights[t][e] * _swiglu(moe.experts[e], xd[t], dtype)
+    return y + _swiglu(moe.shared_experts, xd, dtype)
 
 
 def test_moe_layer_output_matches_float64(load_tiny):
@@ -126,10 +131,11 @@ def test_moe_layer_output_matches_float64(load_tiny):
     assert moe.shared_experts is not None
     x = _inputs(cfg, 1)[:48]
     with torch.no_grad():
-        got = moe(x)
+        got = moe(x.to(m.device)).cpu()
     assert got.dtype == torch.float32 and got.shape == x.shape
-    sets, weights, margins = _route64(x, moe.gate.weight, moe.gate.e_score_correction_bias, cfg)
-    clear = torch.tensor([mg > 4 * _margin_bound(x, moe.gate.weight) for mg in margins])
+    weight, bias = moe.gate.weight.cpu(), moe.gate.e_score_correction_bias.cpu()
+    sets, weights, margins = _route64(x, weight, bias, cfg)
+    clear = torch.tensor([mg > 4 * _margin_bound(x, weight) for mg in margins])
     assert clear.sum() >= x.shape[0] - 2
     ref64 = _moe_ref(moe, x.double(), sets, weights, torch.float64)
     ref32 = _moe_ref(moe, x, sets, weights, torch.float32)
