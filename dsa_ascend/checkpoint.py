@@ -2,8 +2,10 @@
 
 Layout: ``config.json`` + ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``. Every header is read and checked (coverage, shapes, dtypes,
-FP8 scales) before any tensor is loaded; tensors are then read one at a time.
-FP8 weights stay FP8 in memory and are dequantized on the fly by ``dsa.fp8_linear``.
+FP8 / int8 scales) before any tensor is loaded; tensors are then read one at a time.
+FP8 weights stay FP8 in memory and are dequantized on the fly by ``dsa.fp8_linear``; int8
+weights (W8A8 conversions, ``<linear>.weight_scale`` float32 [out] beside them) stay int8 and
+run through ``dsa.int8_linear``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ log = logging.getLogger("dsa_ascend")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SCALE_SUFFIX = "_scale_inv"  # "<linear>.weight_scale_inv" sits beside "<linear>.weight"
+SCALE_SUFFIX = "_scale_inv"  # "<linear>.weight_scale_inv" sits beside an FP8 "<linear>.weight"
+INT8_SCALE_SUFFIX = "_scale"  # "<linear>.weight_scale" float32 [out] beside an int8 "<linear>.weight"
 
 SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
@@ -33,6 +36,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 class CheckpointError(ValueError):
@@ -111,22 +115,40 @@ def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_path), attr
 
 
-def load_weights(model: nn.Module, path: str, device: torch.device,
-                 fp8_act_quant: object = "auto") -> None:
-    """Check every header against ``model``'s parameters, then load the tensors onto ``device``.
+def check_scale(infos: dict[str, TensorInfo], key: str, shape: tuple[int, ...]) -> str:
+    """The scale tensor of the quantized weight ``key`` ([out, in], FP8 or int8), checked:
+    FP8 needs ``<key>_scale_inv`` float32 [ceil(out/128), ceil(in/128)], int8 needs
+    ``<key>_scale`` float32 [out]. Returns the scale's key."""
+    info = infos[key]
+    out_f, in_f = shape
+    if info.dtype == FP8_DTYPE:
+        kind, scale_key, want = "FP8", key + SCALE_SUFFIX, (-(-out_f // 128), -(-in_f // 128))
+    else:
+        kind, scale_key, want = "int8", key + INT8_SCALE_SUFFIX, (out_f,)
+    if scale_key not in infos:
+        raise CheckpointError(f"{info.file}: {kind} tensor {key!r} has no {scale_key!r}")
+    s = infos[scale_key]
+    if s.dtype != torch.float32 or s.shape != want:
+        raise CheckpointError(f"{s.file}: tensor {scale_key!r} must be float32 "
+                              f"{list(want)}, got {s.dtype} {list(s.shape)}")
+    return scale_key
 
-    ``model`` is built on the meta device; each parameter is replaced by its checkpoint tensor,
-    cast to the parameter's dtype, except FP8 weights of quantizable linears, which are kept
-    FP8 with their block scales.
-    """
+
+def is_scale_key(key: str) -> bool:
+    """FP8 block scales (``*_scale_inv``) and int8 channel scales (``*_scale``); no parameter of
+    the model ends so."""
+    return key.endswith(SCALE_SUFFIX) or key.endswith(INT8_SCALE_SUFFIX)
+
+
+def check_tensors(model: nn.Module, infos: dict[str, TensorInfo], path: str) -> dict[str, str]:
+    """Check the headers ``infos`` (``read_headers``) against ``model``'s parameters: coverage,
+    shapes, dtypes, scales. Tensors of layers >= n_layers (the MTP module) are not checked.
+    Returns quantized weight key -> its scale key (FP8 ``weight_scale_inv`` or int8
+    ``weight_scale``); every other parameter is float."""
     from .model.layers import Linear
 
     n_layers = model.config.n_layers
-    infos = read_headers(path)
-    ignored = sorted(k for k in infos if _is_ignored_layer(k, n_layers))
-    if ignored:
-        log.info("ignoring %d tensors of layer(s) >= %d (the MTP module): not used for inference",
-                 len(ignored), n_layers)
+    ignored = {k for k in infos if _is_ignored_layer(k, n_layers)}
     expected = dict(model.named_parameters())
     linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
 
@@ -134,44 +156,55 @@ def load_weights(model: nn.Module, path: str, device: torch.device,
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    scales = {k for k in infos if k.endswith(SCALE_SUFFIX) and k not in ignored}
+    scales = {k for k in infos if is_scale_key(k) and k not in ignored and k not in expected}
     extra = [k for k in infos if k not in expected and k not in scales and k not in ignored]
     if extra:
         raise CheckpointError(f"{infos[extra[0]].file}: unexpected tensor(s) {extra[:5]}"
                               + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
 
-    fp8_weights = {}
+    quantized = {}
     for key, param in expected.items():
         info = infos[key]
         if info.shape != tuple(param.shape):
             raise CheckpointError(f"{info.file}: tensor {key!r} has shape {list(info.shape)}, "
                                   f"config.json implies {list(param.shape)}")
         linear = linears.get(key)
-        if info.dtype == FP8_DTYPE and linear is not None and linear.quantizable:
-            scale_key = key + SCALE_SUFFIX
-            if scale_key not in infos:
-                raise CheckpointError(f"{info.file}: FP8 tensor {key!r} has no {scale_key!r}")
-            out_f, in_f = param.shape
-            want = (-(-out_f // 128), -(-in_f // 128))
-            s = infos[scale_key]
-            if s.dtype != torch.float32 or s.shape != want:
-                raise CheckpointError(f"{s.file}: tensor {scale_key!r} must be float32 "
-                                      f"{list(want)}, got {s.dtype} {list(s.shape)}")
-            fp8_weights[key] = scale_key
+        if info.dtype in QUANTIZED_DTYPES and linear is not None and linear.quantizable:
+            quantized[key] = check_scale(infos, key, tuple(param.shape))
         elif info.dtype not in FLOAT_DTYPES:
-            allowed = "float8_e4m3fn or " if linear is not None and linear.quantizable else ""
+            allowed = ("float8_e4m3fn, int8 or " if linear is not None and linear.quantizable
+                       else "")
             raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, expected "
                                   f"{allowed}bfloat16/float16/float32")
-    orphans = sorted(scales - set(fp8_weights.values()))
+    orphans = sorted(scales - set(quantized.values()))
     if orphans:
         raise CheckpointError(f"{infos[orphans[0]].file}: scale tensor(s) {orphans[:3]} belong to "
-                              "no FP8 weight")
+                              "no FP8 or int8 weight")
+    return quantized
+
+
+def load_weights(model: nn.Module, path: str, device: torch.device,
+                 fp8_act_quant: object = "auto") -> None:
+    """Check every header against ``model``'s parameters, then load the tensors onto ``device``.
+
+    ``model`` is built on the meta device; each parameter is replaced by its checkpoint tensor,
+    cast to the parameter's dtype, except FP8 and int8 weights of quantizable linears, which are
+    kept as stored with their scales (FP8 128x128 blocks; int8 one per output channel).
+    """
+    n_layers = model.config.n_layers
+    infos = read_headers(path)
+    ignored = sorted(k for k in infos if _is_ignored_layer(k, n_layers))
+    if ignored:
+        log.info("ignoring %d tensors of layer(s) >= %d (the MTP module): not used for inference",
+                 len(ignored), n_layers)
+    expected = dict(model.named_parameters())
+    quantized = check_tensors(model, infos, path)
 
     act_quant = fp8_act_quant in ("auto", True)
     by_file: dict[str, list[str]] = {}
     for key in expected:
         by_file.setdefault(infos[key].file, []).append(key)
-    for scale_key in fp8_weights.values():
+    for scale_key in quantized.values():
         by_file.setdefault(infos[scale_key].file, [])
     handles = {}
     try:
@@ -189,9 +222,11 @@ def load_weights(model: nn.Module, path: str, device: torch.device,
             for key in keys:
                 module, attr = _resolve(model, key)
                 tensor = read(key)
-                if key in fp8_weights:
-                    module.set_fp8_weight(tensor.to(device), read(fp8_weights[key]).to(device),
+                if key in quantized and tensor.dtype == FP8_DTYPE:
+                    module.set_fp8_weight(tensor.to(device), read(quantized[key]).to(device),
                                           act_quant)
+                elif key in quantized:
+                    module.set_int8_weight(tensor.to(device), read(quantized[key]).to(device))
                 else:
                     dtype = expected[key].dtype
                     setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype),

@@ -1,4 +1,4 @@
-"""The ``dsa-ascend`` command: demo, generate, make-tiny, backends."""
+"""The ``dsa-ascend`` command: demo, generate, make-tiny, convert, verify, backends."""
 
 from __future__ import annotations
 
@@ -88,6 +88,32 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    r = convert_checkpoint(args.input, args.out, args.dtype, tp=args.tp, ep=args.ep,
+                           keep_mtp=args.keep_mtp, workers=args.workers,
+                           progress=not args.no_progress)
+    gb = r["bytes_in"] / 1e9
+    print(f"wrote {args.out}: dtype={r['dtype']} tp={r['tp']} ep={r['ep']} "
+          f"({r['world_size']} rank{'s' if r['world_size'] > 1 else ''}); "
+          f"{r['files_written']} file(s) written, {r['files_skipped']} already done; "
+          f"{gb:.2f} GB in, {r['bytes_out'] / 1e9:.2f} GB out in {r['seconds']:.1f}s "
+          f"({gb / max(r['seconds'], 1e-9):.2f} GB/s, "
+          f"{r['workers'] or 'no'} worker process{'es' if r['workers'] != 1 else ''})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .convert import verify_checkpoint
+
+    r = verify_checkpoint(args.dir, progress=not args.no_progress)
+    print(f"OK {args.dir}: {r['files']} file(s), {r['tensors']} tensors, {r['bytes'] / 1e9:.2f} GB; "
+          f"dtype={r['dtype']} tp={r['tp']} ep={r['ep']}: checksums, headers, index, key coverage "
+          "and shapes match")
+    return 0
+
+
 def cmd_backends(args) -> int:
     from .backends import BACKENDS, unavailable_reason
 
@@ -120,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("convert", help="convert an HF checkpoint (e.g. the FP8 release) to fp8, "
+                       "bf16 or int8 W8A8, optionally split for tensor/expert parallelism")
+    p.add_argument("input", help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to "
+                   "resume an interrupted conversion)")
+    p.add_argument("--dtype", required=True, choices=["fp8", "bf16", "int8"],
+                   help="weights of the quantizable linears: FP8 blocks kept (CUDA), bf16 "
+                   "(Ascend 910B/C), int8 W8A8 with per-channel scales (Ascend throughput)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: --tp)")
+    p.add_argument("--keep-mtp", action="store_true", help="keep the MTP layer (dropped by default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes converting shards in parallel (default: CPU count; 0: "
+                   "convert in this process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="re-read a converted directory: checksums, headers, key "
+                       "coverage and shapes against config.json")
+    p.add_argument("dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("backends", help="list the backends and why one cannot run here")
     p.set_defaults(func=cmd_backends)

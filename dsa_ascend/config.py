@@ -66,10 +66,29 @@ class YarnConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """``quantization_config`` of an FP8 checkpoint: e4m3 weights with 128x128 block scales."""
+    """``quantization_config`` of a quantized checkpoint.
+
+    method "fp8": e4m3 weights with 128x128 block scales (``weight_scale_inv``), the release.
+    method "w8a8_int8": symmetric int8 weights with one float32 scale per output channel
+    (``weight_scale`` [out]); activations are quantized per token at run time (dsa.int8_linear).
+    Written by ``dsa_ascend.convert``; see ``INT8_QUANTIZATION_CONFIG``.
+    ``ue8m0`` is the scale format of the FP8 *activation* quantizations that remain in both
+    (indexer q/k, simulated latent cache, FP8 GEMM inputs).
+    """
 
     block: tuple[int, int] = (128, 128)
     ue8m0: bool = True  # scale_fmt "ue8m0": activation scales rounded up to powers of two
+    method: str = "fp8"
+
+
+# The quantization_config that dsa_ascend.convert writes for int8 W8A8 checkpoints.
+INT8_QUANTIZATION_CONFIG = {
+    "quant_method": "w8a8_int8",
+    "weight_dtype": "int8",           # symmetric, q in [-127, 127]
+    "weight_granularity": "per_channel",  # "<linear>.weight_scale" float32 [out_features]
+    "activation_scheme": "dynamic",   # int8 per token, scale = amax / 127, at run time
+    "activation_granularity": "per_token",
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,10 @@ class ModelConfig:
     bos_token_id: int = 0
     eos_token_id: int = 1
     n_mtp_layers: int = 0
+    # Top-level "scale_fmt" (the name of DeepSeek's inference config): the FP8 activation scale
+    # format of a checkpoint WITHOUT a quantization_config (a bf16 conversion of the release
+    # keeps "ue8m0" here so the indexer and latent quantization stay those of the original).
+    scale_fmt: Optional[str] = None
 
     @property
     def qk_head_dim(self) -> int:
@@ -118,7 +141,9 @@ class ModelConfig:
     @property
     def ue8m0(self) -> bool:
         """Scale format of every FP8 activation quantization (indexer, latent, GEMM inputs)."""
-        return self.quant.ue8m0 if self.quant is not None else False
+        if self.quant is not None:
+            return self.quant.ue8m0
+        return self.scale_fmt == "ue8m0"
 
     def softmax_scale(self) -> float:
         """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN (DSA_SPEC §3, HF convention)."""
@@ -144,6 +169,14 @@ class ModelConfig:
             kw["eos_token_id"] = kw["eos_token_id"][0]
         kw["yarn"] = _parse_rope_scaling(hf.get("rope_scaling"), source)
         kw["quant"] = _parse_quantization(hf.get("quantization_config"), source)
+        scale_fmt = hf.get("scale_fmt")
+        if scale_fmt not in (None, "ue8m0"):
+            raise ConfigError(f"{source}: scale_fmt = {scale_fmt!r} is not supported (ue8m0 or "
+                              "absent)")
+        if scale_fmt is not None and kw["quant"] is not None and not kw["quant"].ue8m0:
+            raise ConfigError(f"{source}: scale_fmt = {scale_fmt!r} disagrees with "
+                              "quantization_config (no scale_fmt there)")
+        kw["scale_fmt"] = scale_fmt
         int_fields = {f.name for f in dataclasses.fields(cls) if f.type == "int"}
         for name in int_fields & kw.keys():
             value = kw[name]
@@ -238,11 +271,16 @@ class ModelConfig:
                                   "original_max_position_embeddings": y.original_seq_len,
                                   "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
                                   "mscale": y.mscale, "mscale_all_dim": y.mscale}
-        if self.quant is not None:
+        if self.quant is not None and self.quant.method == "w8a8_int8":
+            hf["quantization_config"] = {**INT8_QUANTIZATION_CONFIG,
+                                         **({"scale_fmt": "ue8m0"} if self.quant.ue8m0 else {})}
+        elif self.quant is not None:
             hf["quantization_config"] = {
                 "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": list(self.quant.block),
                 **({"scale_fmt": "ue8m0"} if self.quant.ue8m0 else {})}
+        if self.scale_fmt is not None:
+            hf["scale_fmt"] = self.scale_fmt
         return hf
 
 
@@ -290,9 +328,11 @@ def _parse_quantization(qc: Any, source: str) -> Optional[QuantConfig]:
     if not isinstance(qc, dict):
         raise ConfigError(f"{source}: quantization_config must be an object, got {qc!r}")
     method = qc.get("quant_method")
+    if method == "w8a8_int8":
+        return _parse_int8_quantization(qc, source)
     if method != "fp8":
         raise ConfigError(f"{source}: quantization_config.quant_method = {method!r} is not "
-                          "supported (only 'fp8')")
+                          "supported ('fp8' or 'w8a8_int8')")
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ConfigError(f"{source}: quantization_config.fmt = {fmt!r} is not supported (e4m3)")
@@ -305,6 +345,18 @@ def _parse_quantization(qc: Any, source: str) -> Optional[QuantConfig]:
         raise ConfigError(f"{source}: quantization_config.scale_fmt = {scale_fmt!r} is not "
                           "supported (ue8m0 or absent)")
     return QuantConfig(block=(128, 128), ue8m0=scale_fmt == "ue8m0")
+
+
+def _parse_int8_quantization(qc: dict, source: str) -> QuantConfig:
+    for key, want in INT8_QUANTIZATION_CONFIG.items():
+        if qc.get(key, want) != want:
+            raise ConfigError(f"{source}: quantization_config.{key} = {qc[key]!r} is not "
+                              f"supported for w8a8_int8 ({want!r})")
+    scale_fmt = qc.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ConfigError(f"{source}: quantization_config.scale_fmt = {scale_fmt!r} is not "
+                          "supported (ue8m0 or absent)")
+    return QuantConfig(ue8m0=scale_fmt == "ue8m0", method="w8a8_int8")
 
 
 # ---------------------------------------------------------------------------------- presets

@@ -31,6 +31,7 @@ OP_NAMES = (
     "hadamard_rotate",
     "quantize_fp8",
     "fp8_linear",
+    "int8_linear",
     "indexer_topk",
     "sparse_mla_prefill",
     "sparse_mla_decode",
@@ -75,6 +76,20 @@ def _check_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> None:
     want = ((out_f + 127) // 128, (in_f + 127) // 128)
     _check(tuple(weight_scale.shape) == want and weight_scale.dtype == torch.float32,
            f"fp8_linear: weight_scale must be float32 {want}, got {weight_scale.dtype} "
+           f"{tuple(weight_scale.shape)}")
+
+
+def _check_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> None:
+    _check(weight.dim() == 2 and weight.dtype == torch.int8,
+           f"int8_linear: weight must be 2-D int8, got {weight.dtype} {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    _check(x.dim() >= 1 and x.shape[-1] == in_f,
+           f"int8_linear: x's last dim {x.shape[-1] if x.dim() else None} != weight in_features "
+           f"{in_f}")
+    _check(x.is_floating_point() and x.dtype != FP8_DTYPE,
+           f"int8_linear: x must be a float tensor, got {x.dtype}")
+    _check(tuple(weight_scale.shape) == (out_f,) and weight_scale.dtype == torch.float32,
+           f"int8_linear: weight_scale must be float32 ({out_f},), got {weight_scale.dtype} "
            f"{tuple(weight_scale.shape)}")
 
 
@@ -173,6 +188,25 @@ def _(x, weight, weight_scale, act_quant, ue8m0, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@custom_op("dsa::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, backend: str) -> Tensor:
+    """W8A8: y = dequant(quant(x)) @ dequant(weight)^T for a symmetric int8 weight [out, in] with
+    one float32 scale per output channel (``weight_scale`` [out]).
+
+    x is quantized per token to symmetric int8 (scale = amax / 127, round to nearest); the
+    product is the exact integer dot product (int32 accumulation), times both scales.
+    Output in x's dtype.
+    """
+    _check_int8_linear(x, weight, weight_scale)
+    return _impl(backend, "int8_linear")(x, weight, weight_scale)
+
+
+@int8_linear.register_fake
+def _(x, weight, weight_scale, backend):
+    _check_int8_linear(x, weight, weight_scale)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @custom_op("dsa::indexer_topk", mutates_args=())
 def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                  block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor, topk: int,
@@ -258,6 +292,9 @@ class Ops:
     def fp8_linear(self, x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool,
                    ue8m0: bool) -> Tensor:
         return torch.ops.dsa.fp8_linear(x, weight, weight_scale, act_quant, ue8m0, self.backend)
+
+    def int8_linear(self, x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+        return torch.ops.dsa.int8_linear(x, weight, weight_scale, self.backend)
 
     def indexer_topk(self, q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k,
                      topk: int) -> tuple[Tensor, Tensor]:

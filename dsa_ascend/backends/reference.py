@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from .. import paging
-from ..quant import FP8_DTYPE, dequantize_fp8_blocks, dequantize_weight, quantize_fp8_blocks
+from ..quant import (
+    FP8_DTYPE,
+    dequantize_fp8_blocks,
+    dequantize_weight,
+    quantize_fp8_blocks,
+    quantize_int8_rows,
+)
 
 # Upper bound on the elements of one chunk's float32 intermediate (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -45,6 +51,14 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool,
                              f"got {x.shape[-1]}")
         xf = dequantize_fp8_blocks(*quantize_fp8_blocks(x, 128, ue8m0))
     return (xf @ dequantize_weight(weight, weight_scale).t()).to(x.dtype)
+
+
+def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+    # Integer products and their sums stay below 2^53 (127 * 127 * in_features), so float64
+    # matmul is the exact int32 accumulation of an int8 GEMM on any device.
+    xq, x_scale = quantize_int8_rows(x)
+    acc = xq.double() @ weight.double().t()
+    return (acc.float() * x_scale.unsqueeze(-1) * weight_scale.float()).to(x.dtype)
 
 
 def select_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -149,6 +163,7 @@ IMPLS = {
     "hadamard_rotate": hadamard_rotate,
     "quantize_fp8": quantize_fp8,
     "fp8_linear": fp8_linear,
+    "int8_linear": int8_linear,
     "indexer_topk": indexer_topk,
     "sparse_mla_prefill": sparse_mla_prefill,
     "sparse_mla_decode": sparse_mla_decode,

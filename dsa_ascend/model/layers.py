@@ -1,4 +1,4 @@
-"""Building blocks: Linear (float or FP8-block weights), RMSNorm, LayerNorm, SwiGLU MLP.
+"""Building blocks: Linear (float, FP8-block or int8-channel weights), RMSNorm, LayerNorm, SwiGLU MLP.
 
 Module attribute names follow the HF checkpoint keys one to one, so a state-dict key *is* the
 checkpoint key (DSA_SPEC §8).
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, RunConfig
 from ..ops import Ops
-from ..quant import FP8_DTYPE, dequantize_weight
+from ..quant import FP8_DTYPE, dequantize_int8_rows, dequantize_weight
 
 
 @dataclass
@@ -34,10 +34,12 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T without bias.
 
-    ``quantizable`` weights come as the checkpoint stores them: float (cast to the model dtype)
-    or FP8 e4m3 with a ``weight_scale_inv`` of 128x128 block scales, kept in FP8 and dequantized
+    ``quantizable`` weights come as the checkpoint stores them: float (cast to the model dtype);
+    FP8 e4m3 with a ``weight_scale_inv`` of 128x128 block scales, kept in FP8 and dequantized
     on the fly by ``dsa.fp8_linear`` (with the official per-token activation quantization when
-    ``act_quant``). Others (router, indexer weights_proj, LM head) hold a float ``dtype``.
+    ``act_quant``); or int8 with a float32 ``weight_scale`` per output channel (W8A8, written by
+    ``dsa_ascend.convert``), kept int8 and run by ``dsa.int8_linear``, which quantizes the input
+    per token. Others (router, indexer weights_proj, LM head) hold a float ``dtype``.
     """
 
     def __init__(self, ctx: Context, in_features: int, out_features: int, *,
@@ -48,6 +50,7 @@ class Linear(nn.Module):
         self.quantizable = quantizable
         self.weight = _param(out_features, in_features, dtype=dtype or ctx.dtype)
         self.register_parameter("weight_scale_inv", None)  # set by the loader for FP8 weights
+        self.register_parameter("weight_scale", None)  # set by the loader for int8 weights
         self.act_quant = False
 
     def set_fp8_weight(self, weight: Tensor, scale_inv: Tensor, act_quant: bool) -> None:
@@ -55,16 +58,24 @@ class Linear(nn.Module):
         self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
         self.act_quant = act_quant
 
+    def set_int8_weight(self, weight: Tensor, scale: Tensor) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
     def dense_weight(self) -> Tensor:
-        """The weight in float32 (dequantized when FP8)."""
+        """The weight in float32 (dequantized when FP8 or int8)."""
         if self.weight.dtype == FP8_DTYPE:
             return dequantize_weight(self.weight, self.weight_scale_inv)
+        if self.weight.dtype == torch.int8:
+            return dequantize_int8_rows(self.weight, self.weight_scale)
         return self.weight.float()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.weight.dtype == FP8_DTYPE:
             return self.ctx.ops.fp8_linear(x, self.weight, self.weight_scale_inv, self.act_quant,
                                            self.ctx.config.ue8m0)
+        if self.weight.dtype == torch.int8:
+            return self.ctx.ops.int8_linear(x, self.weight, self.weight_scale)
         return F.linear(x.to(self.weight.dtype), self.weight)
 
     def extra_repr(self) -> str:
