@@ -49,7 +49,7 @@ def test_chunked_prefill_equals_one_shot(load_tiny):
 @pytest.mark.parametrize("step", [1, 2])  # 2 = two query tokens per decode step (MTP-style)
 def test_decode_equals_full_forward(load_tiny, step):
     tokens = _tokens(2, 40, seed=3)
-    model = load_tiny(**EXACT, block_size=16)
+    model = load_tiny(**EXACT, indexer_dtype="bf16", block_size=16)  # FP8 near-ties: see EXACT
     full = model(tokens)
     model.reset()
     outs = [model(tokens[:, :4])]
