@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from dsa_ascend import kv_fp8  # noqa: E402
 from dsa_ascend.backends import reference as ref  # noqa: E402
 from dsa_ascend.backends.cuda import kernels  # noqa: E402
 from dsa_ascend.quant import quantize_fp8_blocks  # noqa: E402
@@ -167,7 +168,20 @@ def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
             rows.append(dict(name=f"sparse MLA decode B={b} ctx={ctx} topk={topk} splits={splits}",
                              ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
                              pct_roofline=100 * floor / ms))
+        # the FP8 latent cache (dsa_ascend/kv_fp8.py): 656 bytes an entry
+        packed = torch.empty(*cache.shape[:2], 656, dtype=torch.uint8, device=DEV)
+        for i in range(0, cache.shape[0], 256):
+            packed[i:i + 256] = kv_fp8.pack(cache[i:i + 256, :, :512], cache[i:i + 256, :, 512:], True)
         del cache
+        nbytes8 = b * topk * 656 + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
+        floor8 = max(flops / (peak * 1e9), nbytes8 / (bw * 1e6))
+        for splits in (None, 2):
+            ms = bench(lambda: K.sparse_mla_fwd(q, packed, idx, table, rows_, 576 ** -0.5, 512,
+                                                num_splits=splits))
+            rows.append(dict(name=f"sparse MLA decode FP8 cache B={b} ctx={ctx} splits={splits}",
+                             ms=ms, tflops=flops / ms / 1e9, gbps=nbytes8 / ms / 1e6,
+                             pct_roofline=100 * floor8 / ms))
+        del packed
 
 
 def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):
@@ -187,6 +201,18 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     nbytes = b * ctx * (d + 4)
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}", ms=ms, gbps=nbytes / ms / 1e6,
                      pct_hbm=100 * nbytes / ms / 1e6 / bw))
+    # where the time goes: the logits kernel alone, and the top-k alone on its output
+    progs = K.indexer._programs(list(range(b + 1)), [ctx] * b, 0, b, 1, DEV)
+    ms_l = bench(lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0,
+                                                  b, ctx, 64, 1, 128))
+    scores = K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, b, ctx, 64, 1, 128)
+    ms_k = bench(lambda: K.select_topk(scores, sk, topk))
+    ms_r = bench(lambda: K.topk_rows(scores, sk, topk))
+    ms_t = bench(lambda: torch.topk(scores, topk, dim=-1))
+    rows.append(dict(name=f"  logits kernel alone B={b} ctx={ctx}", ms=ms_l, gbps=nbytes / ms_l / 1e6))
+    rows.append(dict(name=f"  select_topk alone (policy) B={b}", ms=ms_k))
+    rows.append(dict(name=f"  radix kernel alone B={b}", ms=ms_r))
+    rows.append(dict(name=f"  torch.topk alone B={b}", ms=ms_t))
 
 
 def main():

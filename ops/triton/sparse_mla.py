@@ -5,7 +5,9 @@ selected by the indexer (positions within t's sequence, -1 = padding). One KV en
 heads, so a program takes BLOCK_H heads of one token and streams its selected entries in tiles of
 BLOCK_K: S = q_nope . kv_nope + q_pe . kv_pe, online softmax (base 2), O += P . kv_nope.
 Small batches split the K entries over NUM_SPLITS programs per token; a combine step merges the
-partial (O, LSE) pairs. Accumulation is float32; q/kv may be bf16, fp16 or fp32.
+partial (O, LSE) pairs. Accumulation is float32; q/kv may be bf16, fp16 or fp32, or the cache may
+be the FP8 format of dsa_ascend/kv_fp8.py (uint8 rows: FP8 latent tiles with float32 scales, bf16
+rope), dequantized in registers to q's dtype before the dots.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _sparse_mla_fwd_kernel(
     stride_ls, stride_lt,
     H, K, k_per_split, block_size, scale_log2,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr, ROW_WIDTH: tl.constexpr,
 ):
     t = tl.program_id(0)
     hb = tl.program_id(1)
@@ -51,9 +53,21 @@ def _sparse_mla_fwd_kernel(
         pos = tl.where(valid, pos, 0)
         blk = tl.load(BT + row * stride_bt + pos // block_size, mask=valid, other=0)
         slot = blk.to(tl.int64) * block_size + pos % block_size
-        kv_row = KV + slot[:, None] * (D_NOPE + D_ROPE)
-        kv_nope = tl.load(kv_row + offs_d[None, :], mask=valid[:, None], other=0.0)
-        kv_pe = tl.load(kv_row + D_NOPE + offs_r[None, :], mask=valid[:, None], other=0.0)
+        kv_row = KV + slot[:, None] * ROW_WIDTH
+        if KV_FP8:  # bytes: latent fp8 | float32 scale per 128-tile | rope bf16 (kv_fp8.py)
+            raw = tl.load(kv_row + offs_d[None, :], mask=valid[:, None], other=0)
+            offs_t = tl.arange(0, D_NOPE // 128)
+            sc = tl.load((kv_row + D_NOPE).to(tl.pointer_type(tl.float32)) + offs_t[None, :],
+                         mask=valid[:, None], other=0.0)  # [BLOCK_K, tiles]: 16 bytes a row
+            lat = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            lat = tl.reshape(lat, (BLOCK_K, D_NOPE // 128, 128)) * sc[:, :, None]
+            kv_nope = tl.reshape(lat, (BLOCK_K, D_NOPE)).to(q_nope.dtype)
+            rope_ptr = (kv_row + D_NOPE + 4 * (D_NOPE // 128)).to(tl.pointer_type(tl.bfloat16))
+            kv_pe = tl.load(rope_ptr + offs_r[None, :], mask=valid[:, None], other=0.0)
+            kv_pe = kv_pe.to(q_pe.dtype)
+        else:
+            kv_nope = tl.load(kv_row + offs_d[None, :], mask=valid[:, None], other=0.0)
+            kv_pe = tl.load(kv_row + D_NOPE + offs_r[None, :], mask=valid[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q_nope, tl.trans(kv_nope), input_precision="ieee")
             s += tl.dot(q_pe, tl.trans(kv_pe), input_precision="ieee")
@@ -96,11 +110,14 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
                    num_splits: int | None = None, block_h: int | None = None,
                    block_k: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, H, 576], kv_cache [blocks, block_size, 576], indices int32 [T, K] (positions),
+    """q [T, H, 576], kv_cache [blocks, block_size, 576] (float) or [blocks, block_size, 656]
+    (uint8, the FP8 format of dsa_ascend/kv_fp8.py), indices int32 [T, K] (positions),
     block_table int32 [R, max_blocks], token_row int32 [T] -> (out [T, H, d_v], lse [T, H])."""
     t, h, d = q.shape
     d_rope = d - d_v
     assert d_v & (d_v - 1) == 0 and d_rope & (d_rope - 1) == 0, "d_v and the rope width must be powers of 2"
+    kv_fp8 = kv_cache.dtype == torch.uint8
+    assert not kv_fp8 or kv_cache.shape[-1] == d_v + 4 * (d_v // 128) + 2 * d_rope, "FP8 entry width"
     k = indices.shape[1]
     q = q.contiguous()
     kv = kv_cache.contiguous()
@@ -129,6 +146,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             h, k, k_per_split, kv.shape[1], scale * LOG2E,
             D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=block_h, BLOCK_K=block_k, IEEE=ieee,
+            KV_FP8=kv_fp8, ROW_WIDTH=kv.shape[-1],
             num_warps=num_warps, num_stages=num_stages or (1 if ieee else 2),
         )
     if splits == 1:

@@ -89,18 +89,45 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 
 
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k positions per row with the policy measured on H100 (BENCHMARKS.md): the radix
-    kernel (one program per row; 4x faster than torch's top-k + exact tie rule at 64 rows), but
-    torch's parallel top-k + the reference's tie rule for a handful of rows (decode of a small
-    batch), where one program per row would leave the GPU idle."""
-    n = scores.shape[0]
-    if scores.device.type == "cuda" and n < 16:
-        from dsa_ascend.backends.reference import select_topk as torch_topk
+    """Top-k positions per row (ascending positions, -1 padded), the policy measured on H100
+    (BENCHMARKS.md): torch's multi-block top-k finds each row's k-th value T (faster there than
+    our one-program-per-row radix kernel at every size measured), then two scans apply the tie
+    rule exactly with no host sync: keep every score > T and the lowest positions of those == T
+    (FP8 indexer scores tie often), and compact the kept positions in order."""
+    n, length = scores.shape
+    kk = min(k, length)
+    pos = torch.arange(length, device=scores.device)
+    s = scores.masked_fill(pos[None] >= lengths[:, None], float("-inf")) + 0.0  # -0.0 -> +0.0
+    kth = torch.topk(s, kk, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    gt = s > kth
+    eq = s == kth
+    need = kk - gt.sum(-1, keepdim=True, dtype=torch.int32)
+    take = gt | (eq & (eq.cumsum(-1, dtype=torch.int32) <= need))  # exactly kk per row
+    take &= ~torch.isneginf(s)  # -inf (masked) entries become the -1 padding after the rest
+    slot = torch.where(take, take.cumsum(-1, dtype=torch.int32) - 1, kk).long()
+    out = torch.full((n, kk + 1), -1, dtype=torch.int32, device=scores.device)
+    out.scatter_(1, slot, pos[None].expand(n, -1).to(torch.int32))
+    out = out[:, :kk]  # column kk collected the dropped entries
+    if kk < k:
+        out = torch.cat([out, out.new_full((n, k - kk), -1)], dim=1)
+    return out.contiguous()
 
-        masked = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device)[None]
-                                    >= lengths[:, None], float("-inf"))
-        return torch_topk(masked, k)[0]
-    return topk_rows(scores, lengths, k)
+
+def composite_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """Same contract as ``topk_rows`` (positions sorted by descending score, ties by ascending
+    position), computed with torch.topk on key = sortable(score) * 2^32 + (2^32 - 1 - position)."""
+    n, length = scores.shape
+    kk = min(k, length)
+    pos = torch.arange(length, device=scores.device)
+    s = scores.masked_fill(pos[None] >= lengths[:, None], float("-inf")) + 0.0  # -0.0 -> +0.0
+    bits = s.view(torch.int32).long()
+    key = torch.where(bits >= 0, bits, -1 - bits - (1 << 31))  # monotone in the float value
+    composite = key * (1 << 32) + ((1 << 32) - 1 - pos)[None]
+    top = torch.topk(composite, kk, dim=-1).indices
+    out = torch.where(torch.isneginf(s.gather(1, top)), -1, top).to(torch.int32)
+    if kk < k:
+        out = torch.cat([out, out.new_full((n, k - kk), -1)], dim=1)
+    return out
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

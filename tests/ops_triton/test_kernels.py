@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 when there is no GPU
 ON_GPU = torch.cuda.is_available()
 
+from dsa_ascend import kv_fp8  # noqa: E402
 from dsa_ascend.backends import reference as ref  # noqa: E402
 from dsa_ascend.backends.cuda import kernels  # noqa: E402
 from dsa_ascend.quant import quantize_fp8_blocks  # noqa: E402
@@ -113,6 +114,33 @@ def test_sparse_mla_sweep():
         assert err <= bound, (i, t, h, k_sel, kv_len, dtype, splits, err, bound)
 
 
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, LOWP])
+def test_sparse_mla_fp8_cache(dtype, ue8m0):
+    """The FP8 latent cache (uint8 entries, dsa_ascend/kv_fp8.py): the kernel dequantizes each
+    gathered entry; compared with float64 attention over the dequantized cache."""
+    g = _gen(77 + ue8m0)
+    t, h, k_sel, kv_len, rows = (9, 128, 700, 1500, 3) if ON_GPU else (3, 16, 40, 60, 2)
+    cache, table = _paged([kv_len] * rows, 576, 16, g)
+    cache[..., :512] *= torch.rand(cache.shape[:2], generator=g)[..., None] * 4  # varied scales
+    packed = kv_fp8.pack(cache[..., :512], cache[..., 512:], ue8m0=ue8m0)
+    dequant = kv_fp8.unpack(packed, 512).double()
+    q = torch.randn(t, h, 576, generator=g).to(dtype)
+    token_row = torch.randint(0, rows, (t,), generator=g).int()
+    idx = torch.stack([torch.randperm(kv_len, generator=g)[:k_sel] for _ in range(t)]).int()
+    idx[torch.rand(t, k_sel, generator=g) < 0.2] = -1
+    idx[:, 0] = 0
+    splits = 2 if ON_GPU else 1
+    out, lse = K.sparse_mla_fwd(q.to(DEV), packed.to(DEV), idx.to(DEV), table.to(DEV),
+                                token_row.to(DEV), 576 ** -0.5, 512, num_splits=splits)
+    r_out, r_lse = ref._sparse_attention(q.double(), dequant, idx, table, token_row.long(),
+                                         576 ** -0.5, 512)
+    bound = _bound(dtype, (q, dequant, idx, table, token_row, 576 ** -0.5))
+    assert torch.isfinite(out.float()).all()
+    assert _rel(out.float().cpu(), r_out) <= bound
+    assert (lse.double().cpu() - r_lse).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def test_topk_rows_exact_sets_and_ties():
     g = _gen(7)
     n, length = (64, 32768) if ON_GPU else (6, 2000)
@@ -126,9 +154,15 @@ def test_topk_rows_exact_sets_and_ties():
     got = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
     got8 = K.topk_rows(s.to(DEV), lens.to(DEV), k, byte_digits=True).cpu()
     assert torch.equal(got, got8)  # same deterministic output from both digit schedules
+    comp = K.topk.composite_topk(s.to(DEV), lens.to(DEV), k).cpu()  # the tie-exact fallback
+    policy = K.select_topk(s.to(DEV), lens.to(DEV), k).cpu()  # torch top-k + straddle check
     for r in range(n):
         want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
         assert sorted(got[r].tolist()) == sorted(want[0].tolist()), r
+        assert torch.equal(comp[r], want[0]), r  # same order too: score desc, position asc
+        assert sorted(policy[r].tolist()) == sorted(want[0].tolist()), r
+        valid = policy[r][policy[r] >= 0]  # valid entries first, ascending, then -1 padding
+        assert torch.equal(policy[r][:len(valid)], valid.sort().values), r
 
 
 def test_topk_sweep():
@@ -141,9 +175,13 @@ def test_topk_sweep():
             s = s.round(decimals=1)  # ties
         lens = torch.tensor([length, max(1, length // 2)], dtype=torch.int32)
         got = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
+        comp = K.topk.composite_topk(s.to(DEV), lens.to(DEV), k).cpu()
+        policy = K.select_topk(s.to(DEV), lens.to(DEV), k).cpu()
         for r in range(2):
             want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
+            assert torch.equal(comp[r], want[0]), (i, length, k, r)
+            assert sorted(policy[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
 
 
 def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8):
