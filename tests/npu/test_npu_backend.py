@@ -9,7 +9,7 @@ import torch
 import dsa_ascend
 from dsa_ascend import backends
 from dsa_ascend.backends import BackendUnavailable, npu, reference, resolve
-from dsa_ascend.quant import FP8_DTYPE
+from dsa_ascend.quant import FP8_DTYPE, quantize_int8_rows
 
 CPU = torch.device("cpu")
 EXACT_BF16_INDEXER = dict(device="cpu", dtype=torch.float32, indexer_dtype="bf16",
@@ -89,17 +89,91 @@ def test_dsa_ops_match_reference(emulator):
     torch.testing.assert_close(lse, lse_r, atol=1e-5, rtol=1e-5)
 
 
-def test_fp8_indexer_is_refused_with_the_option_named(emulator):
+def test_fp8_indexer_is_refused_with_the_option_named(emulator, tiny_dir):
     q = torch.zeros(2, 8, 128).to(FP8_DTYPE)
     k = torch.zeros(2, 4, 128).to(FP8_DTYPE)
-    with pytest.raises(npu.NpuKernelsUnavailable, match="indexer_dtype='bf16'"):
+    with pytest.raises(npu.NpuKernelsUnavailable, match="indexer_dtype='bf16' or 'int8'"):
         npu.indexer_topk(q, torch.ones(2, 8), k, torch.ones(2, 4), torch.zeros(1, 2, dtype=torch.int32),
                          torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 4)
+    with pytest.raises(BackendUnavailable, match="indexer_dtype='fp8'.*bf16|int8"):
+        dsa_ascend.load(tiny_dir, backend="npu", **{**EXACT_BF16_INDEXER, "indexer_dtype": "fp8"})
 
 
-def test_tiny_model_prefill_and_decode_match_reference(emulator, tiny_dir):
-    ref = dsa_ascend.load(tiny_dir, backend="reference", **EXACT_BF16_INDEXER)
-    emu = dsa_ascend.load(tiny_dir, backend="npu", **EXACT_BF16_INDEXER)
+def test_auto_indexer_dtype_is_the_backends_preferred(emulator, tiny_dir):
+    opts = {**EXACT_BF16_INDEXER, "indexer_dtype": "auto"}
+    assert dsa_ascend.load(tiny_dir, backend="npu", **opts).run.indexer_dtype == "bf16"
+    ref = dsa_ascend.load(tiny_dir, backend="reference", **opts)
+    assert ref.run.indexer_dtype == "fp8" and ref.cache.layers[0].index_k.dtype == FP8_DTYPE
+    assert backends.indexer_dtype("npu", "int8") == "int8"
+
+
+def _int8_indexer_case(g, q_lens, kv_lens, bs, heads=8):
+    k_f, table, cu, lens = _paged_inputs(g, q_lens, kv_lens, bs, 128)
+    k8, k_scale = quantize_int8_rows(k_f)
+    t = sum(q_lens)
+    q8, q_scale = quantize_int8_rows(torch.randn(t, heads, 128, generator=g))
+    w = torch.randn(t, heads, generator=g) * q_scale  # the model folds the q scales in
+    return (q8, w, k8, k_scale, table, cu, lens)
+
+
+def test_int8_indexer_matches_reference(emulator):
+    """Our int8 indexer glue (q scales in the weights, query_dequant_scale = 1, the float32
+    key-scale cache as key_dequant_scale [blocks, bs, 1]) against the reference op."""
+    g = torch.Generator().manual_seed(5)
+    args = _int8_indexer_case(g, [4, 1, 6], [19, 8, 6], 4)
+    i_npu, v_npu = npu.indexer_topk(*args, 10)
+    i_ref, v_ref = reference.indexer_topk(*args, 10)
+    assert i_npu.dtype == torch.int32 and i_npu.shape == i_ref.shape
+    for a, b in zip(i_npu, i_ref):
+        assert set(a.tolist()) == set(b.tolist())
+    torch.testing.assert_close(v_npu.sort(-1).values, v_ref.sort(-1).values)
+
+
+def test_int8_indexer_through_a_torch_npu_like_provider(monkeypatch):
+    """The builtin path's glue, on CPU: torch_npu's int8 indexer takes float16 weights and
+    scales and returns indices only; the scores become NaN (the model reads the indices)."""
+    from dsa_ascend.backends import npu_contract as emu
+
+    seen = {}
+
+    def builtin_like(query, key, weights, query_dequant_scale, key_dequant_scale, **kw):
+        seen.update(w=weights.dtype, qs=query_dequant_scale, ks=key_dequant_scale.dtype, kw=kw)
+        return emu.emulated_npu_quant_lightning_indexer(query, key, weights, query_dequant_scale,
+                                                        key_dequant_scale, **kw)
+
+    fake = npu.OperatorProvider("builtin", emu.emulated_npu_lightning_indexer,
+                                emu.emulated_npu_sparse_flash_attention, False, builtin_like,
+                                quant_scale_dtype=torch.float16)
+    monkeypatch.setattr(npu, "provider", lambda mode=None: fake)
+    g = torch.Generator().manual_seed(6)
+    args = _int8_indexer_case(g, [3, 2], [11, 40], 16)
+    idx, val = npu.indexer_topk(*args, 8)
+    ref, _ = reference.indexer_topk(*args, 8)
+    assert seen["w"] == seen["ks"] == torch.float16 and bool((seen["qs"] == 1).all())
+    assert seen["kw"]["layout_key"] == "PA_BSND" and "return_value" not in seen["kw"]
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 8 for a, b in zip(idx, ref)]
+    assert min(overlap) >= 0.75  # float16 weights and scales may swap near-ties
+    assert torch.isnan(val[idx >= 0]).all() and torch.isneginf(val[idx < 0]).all()
+    monkeypatch.setattr(npu, "provider", lambda mode=None: npu.OperatorProvider(
+        "builtin", None, None, False, None, quant_unavailable="no npu_quant_lightning_indexer"))
+    with pytest.raises(npu.NpuKernelsUnavailable, match="no npu_quant_lightning_indexer.*bf16"):
+        npu.indexer_topk(*args, 8)
+
+
+def test_fp8_latent_cache_is_refused_with_the_option_named(emulator):
+    kv = torch.zeros(2, 4, 656, dtype=torch.uint8)
+    with pytest.raises(npu.NpuKernelsUnavailable, match="kv_cache_dtype='auto'"):
+        npu.sparse_mla_decode(torch.zeros(1, 1, 2, 576), kv, torch.zeros(1, 1, 4, dtype=torch.int32),
+                              torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+                              0.1, 512)
+
+
+@pytest.mark.parametrize("indexer_dtype", ["bf16", "int8"])
+def test_tiny_model_prefill_and_decode_match_reference(emulator, tiny_dir, indexer_dtype):
+    opts = {**EXACT_BF16_INDEXER, "indexer_dtype": indexer_dtype}
+    ref = dsa_ascend.load(tiny_dir, backend="reference", **opts)
+    emu = dsa_ascend.load(tiny_dir, backend="npu", **opts)
+    assert emu.cache.layers[0].index_k.dtype == (torch.int8 if indexer_dtype == "int8" else torch.float32)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 512, (2, 37), generator=g)  # longer than index_topk (16)
     a, b = ref(tokens[:, :30], 0), emu(tokens[:, :30], 0)  # prefill

@@ -11,6 +11,7 @@ import torch
 from dsa_ascend.backends.npu_contract import (
     ContractError,
     emulated_npu_lightning_indexer,
+    emulated_npu_quant_lightning_indexer,
     emulated_npu_sparse_flash_attention,
 )
 
@@ -143,6 +144,42 @@ def test_indexer_sparse_mode_0_sees_every_key_and_ties_go_to_the_lower_position(
     # rightDownCausal: row 0 of 2 queries against 10 keys sees 9, row 1 sees all 10
     assert idx3[0, 0, 0].tolist() == list(range(9)) + [-1] * 3
     assert idx3[0, 1, 0].tolist() == list(range(10)) + [-1] * 2
+
+
+def test_quant_indexer_applies_both_dequant_scales_inside_the_relu():
+    """npu_quant_lightning_indexer: int8 q/k, score = sum_n w ReLU(qs[t, n] ks[s] (q . k)),
+    TND query, PA_BSND key and key_dequant_scale [blocks, bs, 1]; indices only by default."""
+    g = gen(5)
+    n, d, topk, bs = 4, 32, 6, 8
+    q_lens, kv_lens = [3, 2], [17, 9]
+    keys = [torch.randint(-127, 128, (L, d), generator=g).float() for L in kv_lens]
+    cache, table = paged(keys, bs, g)
+    cache = cache.round().clamp(-127, 127).to(torch.int8)
+    scales = [torch.rand(L, generator=g) + 0.1 for L in kv_lens]
+    scale_cache = torch.zeros(cache.shape[:3])  # [blocks, bs, 1], paged like the keys
+    for b, sc in enumerate(scales):
+        for j, v in enumerate(sc):
+            scale_cache[table[b, j // bs], j % bs, 0] = v
+    t = sum(q_lens)
+    q = torch.randint(-127, 128, (t, n, d), generator=g).to(torch.int8)
+    qs = torch.rand(t, n, generator=g) + 0.1
+    w = torch.randn(t, n, generator=g)
+    cum = torch.tensor(q_lens).cumsum(0).to(torch.int32)
+    common = dict(actual_seq_lengths_query=cum, actual_seq_lengths_key=torch.tensor(kv_lens, dtype=torch.int32),
+                  block_table=table, layout_query="TND", layout_key="PA_BSND", sparse_count=topk)
+    only = emulated_npu_quant_lightning_indexer(q, cache, w, qs, scale_cache, **common)
+    idx, val = emulated_npu_quant_lightning_indexer(q, cache, w, qs, scale_cache, return_value=True,
+                                                    **common)
+    assert torch.equal(only, idx) and idx.shape == (t, 1, topk)
+    t0 = 0
+    for ql, kl, k, ks in zip(q_lens, kv_lens, keys, scales):
+        for i in range(ql):
+            s64 = torch.full((kl,), float("-inf"), dtype=torch.float64)
+            for j in range(kl - ql + 1 + i):
+                dots = q[t0 + i].double() @ k[j].double()  # exact integers
+                s64[j] = (w[t0 + i].double() * (qs[t0 + i].double() * ks[j].double() * dots).clamp_min(0)).sum()
+            check_topk(idx[t0 + i, 0], val[t0 + i, 0], s64, topk)
+        t0 += ql
 
 
 def test_indexer_contract_errors():

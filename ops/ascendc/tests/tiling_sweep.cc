@@ -27,7 +27,7 @@ static void CheckSplit(const CoreSplit& s, uint64_t total, uint32_t cores, const
 }
 
 static void Indexer(const LightningIndexerShape& s, const PlatformSizes& p, long& cases) {
-  LightningIndexerTilingData t;
+  LightningIndexerTilingData t{};
   const bool ok = TileLightningIndexer(s, p, t);
   CHECK(ok, "indexer tiling failed heads=%u sc=%u", s.heads, s.sparseCount);
   if (!ok) return;
@@ -35,8 +35,19 @@ static void Indexer(const LightningIndexerShape& s, const PlatformSizes& p, long
   CHECK(t.ubUsed <= p.ubBytes && t.l1Used <= p.l1Bytes && t.l0aUsed <= p.l0aBytes &&
         t.l0bUsed <= p.l0bBytes && t.l0cUsed <= p.l0cBytes, "indexer budget ub=%llu", (unsigned long long)t.ubUsed);
   CHECK(Aligned(t.ubScoreBuf) && Aligned(t.ubWeightBuf) && Aligned(t.ubReduceBuf) &&
-        Aligned(t.ubTopkState) && Aligned(t.ubMergeTmp) && Aligned(t.l1Used) && Aligned(t.workspaceBytes),
-        "indexer alignment");
+        Aligned(t.ubTopkState) && Aligned(t.ubMergeTmp) && Aligned(t.ubSortTmp) && Aligned(t.ubIndexBuf) &&
+        Aligned(t.ubScaleBuf) && Aligned(t.l1Used) && Aligned(t.workspaceBytes), "indexer alignment");
+  CHECK(t.ubUsed == t.ubScoreBuf + t.ubWeightBuf + t.ubReduceBuf + t.ubTopkState + t.ubMergeTmp +
+        t.ubSortTmp + t.ubIndexBuf + t.ubScaleBuf, "indexer UB sum");
+  CHECK(t.mAligned >= t.rowTile * t.heads && t.mAligned % 16 == 0 && t.keyTile % t.baseN == 0, "indexer M/N");
+  CHECK(t.ubSortTmp >= 2 * t.halfKey * 8ull && t.ubMergeTmp >= 2 * (t.sparseCount + t.halfKey) * 8ull,
+        "indexer sort buffers");
+  CHECK(Aligned(t.wsScoreCoreBytes) && Aligned(t.wsPairCoreBytes) && Aligned(t.wsPartialCoreBytes) &&
+        t.wsPairOffset == t.wsScoreOffset + t.split.usedCores * t.wsScoreCoreBytes &&
+        t.wsPartialOffset == t.wsPairOffset + t.split.usedCores * t.wsPairCoreBytes &&
+        t.workspaceBytes == t.wsPartialOffset + t.split.usedCores * t.wsPartialCoreBytes &&
+        t.wsScoreCoreBytes >= 2ull * t.mAligned * t.keyTile * 4 &&
+        t.wsPartialCoreBytes >= 2ull * t.rowTile * t.sparseCount * 8, "indexer workspace layout");
   CHECK(t.keyTile % 64 == 0 && t.halfKey % 32 == 0 && (t.halfKey * 4) % kUbAlign == 0, "Sort needs 32-multiples");
   CHECK(t.sparseCount + t.halfKey <= 4095, "MrgSort list length");
   CHECK(s.blockSize == 0 || t.keyTile % s.blockSize == 0 || s.blockSize % t.keyTile == 0, "key tile vs PA block");
@@ -87,7 +98,7 @@ static void Indexer(const LightningIndexerShape& s, const PlatformSizes& p, long
 }
 
 static void Mla(const SparseMlaShape& s, const PlatformSizes& p, long& cases) {
-  SparseMlaTilingData t;
+  SparseMlaTilingData t{};
   const bool ok = TileSparseMla(s, p, t);
   CHECK(ok, "mla tiling failed heads=%u K=%u", s.heads, s.sparseCount);
   if (!ok) return;
@@ -96,6 +107,13 @@ static void Mla(const SparseMlaShape& s, const PlatformSizes& p, long& cases) {
         t.l0bUsed <= p.l0bBytes && t.l0cUsed <= p.l0cBytes, "mla budget");
   CHECK(Aligned(t.ubScoreBuf) && Aligned(t.ubOutAcc) && Aligned(t.ubStats) && Aligned(t.ubIndexBuf) &&
         Aligned(t.l1Used) && Aligned(t.workspaceBytes), "mla alignment");
+  CHECK(t.gAligned >= t.gTile && t.gAligned % 16 == 0 && t.rowsPerVec * 2 >= t.gTile, "mla M");
+  CHECK(Aligned(t.wsScoreCoreBytes) && Aligned(t.wsProbCoreBytes) && Aligned(t.wsOutCoreBytes) &&
+        Aligned(t.wsPartialCoreBytes) && t.wsProbOffset >= t.wsScoreOffset + t.split.usedCores * t.wsScoreCoreBytes &&
+        t.wsOutOffset >= t.wsProbOffset + t.split.usedCores * t.wsProbCoreBytes &&
+        t.wsPartialOffset >= t.wsOutOffset + t.split.usedCores * t.wsOutCoreBytes &&
+        t.workspaceBytes == t.wsPartialOffset + t.split.usedCores * t.wsPartialCoreBytes &&
+        t.wsOutCoreBytes >= 2ull * t.gAligned * t.dNope * 4, "mla workspace layout");
   CHECK(t.kvTail >= 1 && t.kvTail <= t.kvTile && (t.kvTilesPerToken - 1) * t.kvTile + t.kvTail == s.sparseCount, "kv tail");
   CHECK(t.dNope % t.dvChunk == 0 && (t.dNope + t.dRope) % 16 == 0, "D slices");
   CheckSplit(t.split, t.totalUnits, p.aicCores, "mla");
@@ -130,6 +148,7 @@ int main() {
             for (uint32_t bs : {0u, 128u}) {
               if (mode == 0 && kv[0] > 100000) continue;
               Indexer({h, 128, sc, mode, bs, 2, q, kv}, p, cases);
+              if (h == 64 && mode == 3) Indexer({h, 128, sc, mode, bs, 1, q, kv}, p, cases);  // int8
             }
         for (uint64_t tokens : {1ull, 2ull, 7ull, 64ull, 1000ull, 160000ull})
           Mla({tokens, h, 512, 64, sc, 2}, p, cases);

@@ -21,66 +21,36 @@ struct LightningIndexerShape {
   uint32_t sparseCount;   // 1..2048
   uint32_t sparseMode;    // 0 or 3 (rightDownCausal)
   uint32_t blockSize;     // PA_BSND block size (0 for BSND/TND keys)
-  uint32_t dtypeBytes;    // 2 (bf16/fp16)
+  uint32_t dtypeBytes;    // 2 (bf16/fp16) or 1 (int8)
   std::vector<uint32_t> qLens, kvLens;  // per sequence (host values of actual_seq_lengths)
 };
-
-struct LightningIndexerTilingData {
-  uint32_t batch, heads, headDim, sparseCount, sparseMode, blockSize;
-  uint32_t rowTile;       // query rows per unit
-  uint32_t keyTile;       // keys per AIC tile (multiple of 32 for Sort; aligned reads)
-  uint32_t halfKey;       // keys per AIV (keyTile / 2)
-  uint32_t baseN;         // keys per matmul (L0B / L0C bound)
-  uint32_t chunkTiles;    // key tiles per unit
-  uint64_t totalUnits;
-  CoreSplit split;
-  // buffer sizes (bytes), every one a multiple of 32
-  uint64_t ubScoreBuf, ubWeightBuf, ubReduceBuf, ubTopkState, ubMergeTmp, ubUsed;
-  uint64_t l1Used, l0aUsed, l0bUsed, l0cUsed;
-  uint64_t workspaceBytes;  // partial top-k lists (score f32 + index i32 pairs)
-};
-
-struct IndexerUnit { uint32_t seq, rowStart, rowEnd, keyStart, keyEnd; };
-
-// Exclusive end of the keys visible to query row i of a sequence.
-inline uint64_t IndexerVisible(uint32_t mode, uint64_t q, uint64_t kv, uint64_t i) {
-  if (mode != 3) return kv;
-  const int64_t v = static_cast<int64_t>(kv) - static_cast<int64_t>(q) + static_cast<int64_t>(i) + 1;
-  return v < 0 ? 0 : (static_cast<uint64_t>(v) > kv ? kv : static_cast<uint64_t>(v));
-}
 
 // Calls f(unit) for every unit in linear order; returns the number of units.
 template <class F>
 uint64_t ForEachIndexerUnit(const LightningIndexerShape& s, uint32_t rowTile, uint32_t keyTile,
                             uint32_t chunkTiles, F&& f) {
-  uint64_t n = 0;
-  for (uint32_t b = 0; b < s.qLens.size(); ++b) {
-    const uint32_t q = s.qLens[b], kv = s.kvLens[b];
-    for (uint32_t r0 = 0; r0 < q; r0 += rowTile) {
-      const uint32_t r1 = r0 + rowTile < q ? r0 + rowTile : q;
-      const uint64_t vis = IndexerVisible(s.sparseMode, q, kv, r1 - 1);
-      const uint64_t span = static_cast<uint64_t>(keyTile) * chunkTiles;
-      for (uint64_t k0 = 0; k0 < vis; k0 += span) {
-        const uint64_t k1 = k0 + span < vis ? k0 + span : vis;
-        f(IndexerUnit{b, r0, r1, static_cast<uint32_t>(k0), static_cast<uint32_t>(k1)});
-        ++n;
-      }
-    }
-  }
-  return n;
+  return WalkIndexerUnits(
+      static_cast<uint32_t>(s.qLens.size()), s.sparseMode, rowTile, keyTile, chunkTiles,
+      [&](uint32_t b, uint32_t& q, uint32_t& kv) { q = s.qLens[b]; kv = s.kvLens[b]; },
+      [&](const IndexerUnit& u, uint64_t) { f(u); return true; });
 }
 
 // Fills t; returns false (with t untouched beyond shapes) when no tile fits the platform.
 inline bool TileLightningIndexer(const LightningIndexerShape& s, const PlatformSizes& p,
                                  LightningIndexerTilingData& t) {
-  if (s.heads == 0 || s.heads > 128 || s.headDim == 0 || s.sparseCount == 0 ||
-      s.sparseCount > 2048 || s.qLens.size() != s.kvLens.size() || s.qLens.empty())
+  if (s.heads == 0 || s.heads > 128 || s.headDim == 0 || s.headDim % 32 || s.sparseCount == 0 ||
+      s.sparseCount > 2048 || s.qLens.size() != s.kvLens.size() || s.qLens.empty() ||
+      (s.dtypeBytes != 1 && s.dtypeBytes != 2))
     return false;
+  const DsaProblem problem = t.problem;  // filled by the caller (op_host) or zero
   t = LightningIndexerTilingData{};
+  t.problem = problem;
   t.batch = static_cast<uint32_t>(s.qLens.size());
   t.heads = s.heads; t.headDim = s.headDim; t.sparseCount = s.sparseCount;
   t.sparseMode = s.sparseMode; t.blockSize = s.blockSize;
+  t.quantized = s.dtypeBytes == 1;
   const uint64_t db = s.dtypeBytes, d = s.headDim;
+  // int8 scores leave L0C as int32 (4 bytes) like float ones.
   bool found = false;
   for (uint32_t rowTile = 128 / s.heads ? 128 / s.heads : 1; rowTile >= 1 && !found; rowTile /= 2) {
     for (uint32_t keyTile = 512; keyTile >= 64 && !found; keyTile /= 2) {
@@ -99,13 +69,19 @@ inline bool TileLightningIndexer(const LightningIndexerShape& s, const PlatformS
       const uint64_t reduce = AlignUp(static_cast<uint64_t>(half) * 4, kUbAlign);
       const uint64_t state = static_cast<uint64_t>(rowTile) * AlignUp((s.sparseCount + half) * 8ull, kUbAlign);
       const uint64_t merge = 2 * AlignUp((s.sparseCount + half) * 8ull, kUbAlign);
-      const uint64_t ub = score + weight + reduce + state + merge;
+      // Sort of one half tile: (score, index) pairs plus the same again as its scratch.
+      const uint64_t sortTmp = 2 * AlignUp(static_cast<uint64_t>(half) * 8, kUbAlign);
+      const uint64_t index = AlignUp(static_cast<uint64_t>(half) * 4, kUbAlign);
+      const uint64_t scale = AlignUp(static_cast<uint64_t>(half) * 4, kUbAlign);
+      const uint64_t ub = score + weight + reduce + state + merge + sortTmp + index + scale;
       if (2 * l0a > p.l0aBytes || 2 * l0b > p.l0bBytes || 2 * l0c > p.l0cBytes ||
           l1 > p.l1Bytes || ub > p.ubBytes)
         continue;
       t.rowTile = rowTile; t.keyTile = keyTile; t.halfKey = half; t.baseN = baseN;
+      t.mAligned = static_cast<uint32_t>(m);
       t.ubScoreBuf = score; t.ubWeightBuf = weight; t.ubReduceBuf = reduce;
-      t.ubTopkState = state; t.ubMergeTmp = merge; t.ubUsed = ub;
+      t.ubTopkState = state; t.ubMergeTmp = merge; t.ubSortTmp = sortTmp; t.ubIndexBuf = index;
+      t.ubScaleBuf = scale; t.ubUsed = ub;
       t.l1Used = l1; t.l0aUsed = 2 * l0a; t.l0bUsed = 2 * l0b; t.l0cUsed = 2 * l0c;
       found = true;
     }
@@ -122,9 +98,18 @@ inline bool TileLightningIndexer(const LightningIndexerShape& s, const PlatformS
     prefix.push_back(prefix.back() + static_cast<uint64_t>(u.rowEnd - u.rowStart) * (u.keyEnd - u.keyStart));
   });
   t.split = SplitByCost(prefix.data(), t.totalUnits, p.aicCores);
-  // per core: 2 partial row tiles x 2 AIVs x rowTile rows x sparseCount (f32, i32) pairs
-  t.workspaceBytes = AlignUp(static_cast<uint64_t>(t.split.usedCores) * 2 * 2 * t.rowTile *
-                             s.sparseCount * 8, kUbAlign);
+  // Workspace per used core: two score slots [mAligned, keyTile] f32/i32 (AIC -> AIV); one row
+  // tile of AIV1's lists for AIV0 to merge; two partial row tiles (head, tail) of lists, each
+  // list sparseCount (score f32, index u32) pairs.
+  const uint64_t cores = t.split.usedCores;
+  const uint64_t list = static_cast<uint64_t>(s.sparseCount) * 8;
+  t.wsScoreCoreBytes = AlignUp(2ull * t.mAligned * t.keyTile * 4, kUbAlign);
+  t.wsPairCoreBytes = AlignUp(t.rowTile * list, kUbAlign);
+  t.wsPartialCoreBytes = AlignUp(2ull * t.rowTile * list, kUbAlign);
+  t.wsScoreOffset = 0;
+  t.wsPairOffset = t.wsScoreOffset + cores * t.wsScoreCoreBytes;
+  t.wsPartialOffset = t.wsPairOffset + cores * t.wsPairCoreBytes;
+  t.workspaceBytes = t.wsPartialOffset + cores * t.wsPartialCoreBytes;
   return true;
 }
 

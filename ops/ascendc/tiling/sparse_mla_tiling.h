@@ -22,42 +22,12 @@ struct SparseMlaShape {
   uint32_t dtypeBytes;   // 2
 };
 
-struct SparseMlaTilingData {
-  uint64_t tokens;
-  uint32_t heads, dNope, dRope, sparseCount;
-  uint32_t gTile;       // heads per unit (AIC M)
-  uint32_t rowsPerVec;  // heads per AIV (gTile / 2, at least 1)
-  uint32_t kvTile;      // selected entries gathered per tile
-  uint32_t kvTail;      // entries in the last tile of a token's list (1..kvTile)
-  uint32_t baseK;       // D slice per QK^T matmul
-  uint32_t dvChunk;     // Dv slice per PV matmul
-  uint32_t chunkKv;     // kv tiles per unit
-  uint32_t headGroups, kvTilesPerToken, chunksPerToken;
-  uint64_t totalUnits;
-  CoreSplit split;
-  uint64_t ubScoreBuf, ubOutAcc, ubStats, ubIndexBuf, ubUsed;
-  uint64_t l1Used, l0aUsed, l0bUsed, l0cUsed;
-  uint64_t workspaceBytes;
-};
-
-struct MlaUnit { uint64_t token; uint32_t headStart, headEnd, kvStart, kvEnd; };
-
-inline void MlaUnitAt(const SparseMlaTilingData& t, uint64_t u, MlaUnit& out) {
-  const uint64_t perToken = static_cast<uint64_t>(t.headGroups) * t.chunksPerToken;
-  out.token = u / perToken;
-  const uint64_t r = u % perToken;
-  const uint32_t g = static_cast<uint32_t>(r / t.chunksPerToken), c = static_cast<uint32_t>(r % t.chunksPerToken);
-  out.headStart = g * t.gTile;
-  out.headEnd = out.headStart + t.gTile < t.heads ? out.headStart + t.gTile : t.heads;
-  out.kvStart = c * t.chunkKv * t.kvTile;
-  const uint32_t end = out.kvStart + t.chunkKv * t.kvTile;
-  out.kvEnd = end < t.sparseCount ? end : t.sparseCount;
-}
-
 inline bool TileSparseMla(const SparseMlaShape& s, const PlatformSizes& p, SparseMlaTilingData& t) {
   if (s.heads == 0 || s.heads > 128 || s.sparseCount == 0 || s.sparseCount > 2048 || s.tokens == 0)
     return false;
+  const DsaProblem problem = t.problem;  // filled by the caller (op_host) or zero
   t = SparseMlaTilingData{};
+  t.problem = problem;
   t.tokens = s.tokens; t.heads = s.heads; t.dNope = s.dNope; t.dRope = s.dRope;
   t.sparseCount = s.sparseCount;
   const uint64_t db = s.dtypeBytes, d = s.dNope + s.dRope, dv = s.dNope;
@@ -72,10 +42,13 @@ inline bool TileSparseMla(const SparseMlaShape& s, const PlatformSizes& p, Spars
       uint32_t dvChunk = 512;
       while (dvChunk > 16 && (2 * AlignUp(m * dvChunk * 4, 64) > p.l0cBytes ||
                               2 * AlignUp(static_cast<uint64_t>(kv) * dvChunk * db, kL0Align) > p.l0bBytes)) dvChunk /= 2;
-      const uint64_t l0a = 2 * AlignUp(m * baseK * db, kL0Align);
+      // L0A holds a Q slice [m, baseK] for S = Q.K^T and all of P [m, kv] for O = P.V
+      const uint64_t l0a = 2 * AlignUp(m * (baseK > kv ? baseK : kv) * db, kL0Align);
       const uint64_t l0b = 2 * AlignUp(static_cast<uint64_t>(kv) * (baseK > dvChunk ? baseK : dvChunk) * db, kL0Align);
       const uint64_t l0c = 2 * AlignUp(m * (kv > dvChunk ? kv : dvChunk) * 4, 64);
-      const uint64_t l1 = AlignUp(m * d * db, kUbAlign) + 2 * AlignUp(static_cast<uint64_t>(kv) * d * db, kUbAlign);
+      // L1: Q [m, D], two gathered K/V tiles [kv, D], P [m, kv]
+      const uint64_t l1 = AlignUp(m * d * db, kUbAlign) + 2 * AlignUp(static_cast<uint64_t>(kv) * d * db, kUbAlign) +
+                          AlignUp(m * kv * db, kUbAlign);
       const uint64_t score = 2 * AlignUp(static_cast<uint64_t>(rows) * kv * 4, kUbAlign);
       const uint64_t acc = AlignUp(static_cast<uint64_t>(rows) * dv * 4, kUbAlign) +
                            AlignUp(static_cast<uint64_t>(rows) * dvChunk * 4, kUbAlign);
@@ -84,7 +57,7 @@ inline bool TileSparseMla(const SparseMlaShape& s, const PlatformSizes& p, Spars
       const uint64_t ub = score + acc + stats + index;
       if (l0a > p.l0aBytes || l0b > p.l0bBytes || l0c > p.l0cBytes || l1 > p.l1Bytes || ub > p.ubBytes)
         continue;
-      t.gTile = g; t.rowsPerVec = rows; t.kvTile = kv; t.baseK = baseK; t.dvChunk = dvChunk;
+      t.gTile = g; t.gAligned = static_cast<uint32_t>(m); t.rowsPerVec = rows; t.kvTile = kv; t.baseK = baseK; t.dvChunk = dvChunk;
       t.ubScoreBuf = score; t.ubOutAcc = acc; t.ubStats = stats; t.ubIndexBuf = index; t.ubUsed = ub;
       t.l1Used = l1; t.l0aUsed = l0a; t.l0bUsed = l0b; t.l0cUsed = l0c;
       found = true;
@@ -111,8 +84,18 @@ inline bool TileSparseMla(const SparseMlaShape& s, const PlatformSizes& p, Spars
   for (uint32_t c = 0; c <= kMaxCores; ++c)
     sp.coreStart[c] = c <= used ? t.totalUnits * c / used : t.totalUnits;
   t.split = sp;
-  // partial (O f32 [gTile, Dv], max, sum) for <= 2 split groups per core
-  t.workspaceBytes = AlignUp(static_cast<uint64_t>(used) * 2 * t.gTile * (dv + 2) * 4, kUbAlign);
+  // Workspace per used core: two slots each of S [gAligned, kvTile] f32 (AIC -> AIV),
+  // P [gAligned, kvTile] in the q dtype (AIV -> AIC) and P.V [gAligned, Dv] f32 (AIC -> AIV);
+  // partial (O f32 [gTile, Dv], max, sum) for <= 2 split groups.
+  t.wsScoreCoreBytes = AlignUp(2ull * t.gAligned * t.kvTile * 4, kUbAlign);
+  t.wsProbCoreBytes = AlignUp(2ull * t.gAligned * t.kvTile * db, kUbAlign);
+  t.wsOutCoreBytes = AlignUp(2ull * t.gAligned * dv * 4, kUbAlign);
+  t.wsPartialCoreBytes = AlignUp(2ull * t.gTile * (dv + 2) * 4, kUbAlign);
+  t.wsScoreOffset = 0;
+  t.wsProbOffset = t.wsScoreOffset + used * t.wsScoreCoreBytes;
+  t.wsOutOffset = t.wsProbOffset + used * t.wsProbCoreBytes;
+  t.wsPartialOffset = t.wsOutOffset + used * t.wsOutCoreBytes;
+  t.workspaceBytes = t.wsPartialOffset + used * t.wsPartialCoreBytes;
   return true;
 }
 

@@ -1,12 +1,12 @@
 // Plain C++ (no CANN includes): platform sizes and the work partition shared by the DSA
-// operators' host tiling. On an NPU the op_host tiling fills PlatformSizes from
+// operators' host tiling (the TilingData structs themselves: dsa_tiling_data.h). On an NPU the op_host tiling fills PlatformSizes from
 // platform_ascendc::PlatformAscendC (core counts, GetCoreMemSize); tests pass SKU values.
 #pragma once
 #include <cstdint>
+#include "dsa_tiling_data.h"
 
 namespace dsa_tiling {
 
-constexpr uint32_t kMaxCores = 64;     // upper bound on AIC cores of any supported SKU
 constexpr uint32_t kUbAlign = 32;      // Unified Buffer / L1 / DataCopy granularity (bytes)
 constexpr uint32_t kL0Align = 512;     // L0A / L0B fractal granularity (bytes)
 constexpr uint32_t kCubeBlock = 16;    // rows/cols of a cube fractal
@@ -24,14 +24,10 @@ struct PlatformSizes {
 inline uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 inline uint64_t AlignUp(uint64_t a, uint64_t b) { return CeilDiv(a, b) * b; }
 
-// Linear work: units numbered 0..totalUnits-1 (the op defines what a unit is and its cost);
-// core c owns the contiguous range [coreStart[c], coreStart[c+1]). Ranges are balanced by cost
-// prefix sums, so a long sequence's units spread over several cores (split-K) and the op
-// merges partial results of a row group that straddles a range boundary.
-struct CoreSplit {
-  uint32_t usedCores;
-  uint64_t coreStart[kMaxCores + 1];
-};
+// CoreSplit (dsa_tiling_data.h): units numbered 0..totalUnits-1 (the op defines what a unit
+// is and its cost); core c owns the contiguous range [coreStart[c], coreStart[c+1]). Ranges are
+// balanced by cost prefix sums, so a long sequence's units spread over several cores (split-K)
+// and the op merges partial results of a row group that straddles a range boundary.
 
 // costPrefix[i] = total cost of units [0, i), i = 0..n. Balanced contiguous split.
 inline CoreSplit SplitByCost(const uint64_t* costPrefix, uint64_t n, uint32_t cores) {
