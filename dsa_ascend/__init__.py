@@ -15,6 +15,7 @@ from .checkpoint import CheckpointError, load_weights
 from .config import ConfigError, ModelConfig, RunConfig, model_config_from_dir, preset
 from .engine import Completion, generate
 from .model.transformer import Transformer
+from .parallel import load_slices, plan_load
 
 __all__ = ["load", "generate", "Completion", "Transformer", "ModelConfig", "RunConfig", "preset",
            "ConfigError", "CheckpointError", "BackendUnavailable"]
@@ -28,10 +29,16 @@ def _default_device() -> torch.device:
 
 def load(path: str, backend: Optional[str] = None, device: Union[str, torch.device, None] = None,
          dtype: torch.dtype = torch.bfloat16, max_seq_len: Optional[int] = None,
-         max_batch_size: int = 8, **run_options) -> Transformer:
+         max_batch_size: int = 8, tp: Optional[int] = None, ep: Optional[int] = None,
+         **run_options) -> Transformer:
     """Load an HF-format DeepSeek-V3.2-Exp directory (config.json + safetensors) for inference.
 
     backend: "reference" | "cuda" | "npu" | None (best available for ``device``).
+    tp, ep: tensor- and expert-parallel degrees of a multi-device run (one process per device,
+    started by torchrun; see ``dsa_ascend.parallel``). Default: every process of the job for
+    both, or the layout of a converter output split over ranks (``dsa_manifest.json``), whose
+    rank directories each rank then reads; an HF directory is read in per-rank slices. An
+    accelerator ``device`` without an index becomes the rank's LOCAL_RANK device.
     run_options: the other ``RunConfig`` fields (block_size, indexer_dtype, mla_form, ...).
     The returned model's ``forward(tokens [B, S], start_pos)`` gives float32 logits and keeps
     its cache between calls; ``reset()`` clears it.
@@ -54,8 +61,13 @@ def load(path: str, backend: Optional[str] = None, device: Union[str, torch.devi
                     max_batch_size=max_batch_size, **run_options)
     run.validate()
     name = resolve(backend, device)
-    model = Transformer(config, run, backend=name, dtype=dtype)
-    load_weights(model, path, device, run.fp8_act_quant)
+    parallel, device, rank_dir = plan_load(path, config, tp, ep, device, run.debug_parallel)
+    run.device = str(device)
+    model = Transformer(config, run, backend=name, dtype=dtype, parallel=parallel)
+    if parallel.world_size > 1 and rank_dir is None:
+        load_slices(model, path, device, run.fp8_act_quant)
+    else:
+        load_weights(model, rank_dir or path, device, run.fp8_act_quant)
     model.init_runtime()
     model.eval()
     tok = os.path.join(path, "tokenizer.json")

@@ -1,5 +1,6 @@
-"""Paged KV cache: per layer, per token, the MLA latent + rope key (576 values) and the indexer
-key (FP8 + float32 scale, or the model dtype), in pages of ``block_size`` tokens.
+"""Paged KV cache: per layer, per token, the MLA latent + rope key (576 values in the model dtype,
+or 656 bytes in the FP8 format of ``kv_fp8.py``) and the indexer key (FP8 + float32 scale, or the
+model dtype; int8 + float32 scale for indexer_dtype="int8"), in pages of ``block_size`` tokens.
 
 Sequences live in rows (0 .. max_batch_size-1); each row owns a block table of page ids taken
 from a shared free list on demand. ``prepare`` turns one step's (rows, start positions, query
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import kv_fp8 as kv_fp8_format
 from .quant import FP8_DTYPE
 
 
@@ -49,25 +51,31 @@ class Step:
 @dataclass
 class LayerCache:
     kv: Tensor  # [blocks, block_size, kv_lora_rank + qk_rope_head_dim]
-    index_k: Tensor  # [blocks, block_size, index_head_dim] FP8 or model dtype
-    index_scale: Optional[Tensor]  # [blocks, block_size] float32 (FP8 keys only)
+    index_k: Tensor  # [blocks, block_size, index_head_dim] FP8, int8 or model dtype
+    index_scale: Optional[Tensor]  # [blocks, block_size] float32 (FP8 / int8 keys only)
 
 
 class PagedCache:
     def __init__(self, *, n_layers: int, max_batch_size: int, max_seq_len: int, block_size: int,
                  kv_dim: int, index_dim: int, dtype: torch.dtype, index_fp8: bool,
-                 device: torch.device):
+                 device: torch.device, kv_fp8: Optional[tuple[int, bool]] = None,
+                 index_int8: bool = False):
+        # kv_fp8 = (latent width, ue8m0): hold the latent cache in the FP8 format of kv_fp8.py
+        self.kv_fp8 = kv_fp8
+        kv_width = kv_fp8_format.entry_bytes(kv_fp8[0], kv_dim - kv_fp8[0]) if kv_fp8 else kv_dim
         self.max_batch_size, self.max_seq_len, self.block_size = max_batch_size, max_seq_len, block_size
         self.max_blocks = -(-max_seq_len // block_size)
         num_blocks = max_batch_size * self.max_blocks
         self.device = device
         self.layers = [
             LayerCache(
-                kv=torch.zeros(num_blocks, block_size, kv_dim, dtype=dtype, device=device),
-                index_k=torch.zeros(num_blocks, block_size, index_dim,
-                                    dtype=FP8_DTYPE if index_fp8 else dtype, device=device),
+                kv=torch.zeros(num_blocks, block_size, kv_width,
+                               dtype=torch.uint8 if kv_fp8 else dtype, device=device),
+                index_k=torch.zeros(num_blocks, block_size, index_dim, device=device,
+                                    dtype=FP8_DTYPE if index_fp8 else
+                                    torch.int8 if index_int8 else dtype),
                 index_scale=(torch.zeros(num_blocks, block_size, dtype=torch.float32,
-                                         device=device) if index_fp8 else None))
+                                         device=device) if index_fp8 or index_int8 else None))
             for _ in range(n_layers)
         ]
         self._free = list(range(num_blocks - 1, -1, -1))
@@ -143,6 +151,9 @@ class PagedCache:
     def store_kv(self, layer: int, step: Step, kv: Tensor) -> None:
         """Write this step's MLA entries (kv [T, latent + rope]) into their slots."""
         c = self.layers[layer].kv
+        if self.kv_fp8:
+            d_v, ue8m0 = self.kv_fp8
+            kv = kv_fp8_format.pack(kv[..., :d_v], kv[..., d_v:], ue8m0)
         c.view(-1, c.shape[-1]).index_copy_(0, step.slot_mapping, kv.to(c.dtype))
 
     def store_index(self, layer: int, step: Step, key: Tensor, scale: Optional[Tensor]) -> None:

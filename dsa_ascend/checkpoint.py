@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -197,24 +198,38 @@ def load_weights(model: nn.Module, path: str, device: torch.device,
     if ignored:
         log.info("ignoring %d tensors of layer(s) >= %d (the MTP module): not used for inference",
                  len(ignored), n_layers)
-    expected = dict(model.named_parameters())
     quantized = check_tensors(model, infos, path)
+    read_weights(model, infos, quantized, device, fp8_act_quant)
 
+
+def read_weights(model: nn.Module, infos: dict[str, TensorInfo], quantized: dict[str, str],
+                 device: torch.device, fp8_act_quant: object = "auto",
+                 slices: Optional[dict] = None) -> None:
+    """Read every parameter of ``model`` (checked headers ``infos``, ``quantized`` weight key ->
+    scale key from ``check_tensors``) onto ``device``. ``slices``: key -> piece (``.dim``,
+    ``.start``, ``.stop``) of the stored tensor to read instead of all of it (tensor-parallel
+    loading: safetensors ``get_slice`` reads only those bytes)."""
+    expected = dict(model.named_parameters())
+    slices = slices or {}
     act_quant = fp8_act_quant in ("auto", True)
     by_file: dict[str, list[str]] = {}
     for key in expected:
         by_file.setdefault(infos[key].file, []).append(key)
-    for scale_key in quantized.values():
-        by_file.setdefault(infos[scale_key].file, [])
+    for key in expected:
+        if key in quantized:
+            by_file.setdefault(infos[quantized[key]].file, [])
     handles = {}
     try:
         for file in by_file:
             handles[file] = _open(file).__enter__()
 
         def read(key: str) -> torch.Tensor:
-            info = infos[key]
+            info, piece = infos[key], slices.get(key)
             try:
-                return handles[info.file].get_tensor(key)
+                if piece is None:
+                    return handles[info.file].get_tensor(key)
+                index = (slice(None),) * piece.dim + (slice(piece.start, piece.stop),)
+                return handles[info.file].get_slice(key)[index].contiguous()
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{info.file}: cannot read tensor {key!r} ({e})") from None
 

@@ -25,7 +25,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--indexer-dtype", choices=["fp8", "bf16"], default="fp8")
+    p.add_argument("--indexer-dtype", choices=["auto", "fp8", "bf16", "int8"], default="auto",
+                   help="indexer q/k numerics (auto: the backend's preferred, fp8 on reference/cuda, "
+                        "bf16 on npu)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree under torchrun (default: the number of processes)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree under torchrun (default: the number of processes)")
+    p.add_argument("--debug-parallel", action="store_true",
+                   help="check that every rank selects the same top-k in every layer")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -41,21 +49,28 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 def _run_generate(model_dir: str, args, prompts: list[str]) -> int:
     import dsa_ascend
 
+    from .parallel import rank
+
     t0 = time.perf_counter()
     model = dsa_ascend.load(model_dir, backend=args.backend, device=args.device,
                             dtype=DTYPES[args.dtype], max_seq_len=args.max_seq_len,
-                            max_batch_size=args.max_batch_size, indexer_dtype=args.indexer_dtype)
+                            max_batch_size=args.max_batch_size, indexer_dtype=args.indexer_dtype,
+                            tp=args.tp, ep=args.ep, debug_parallel=args.debug_parallel)
     t1 = time.perf_counter()
     results = dsa_ascend.generate(model, prompts, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p,
                                   stop_token_ids=args.stop_token_id, seed=args.seed)
     t2 = time.perf_counter()
+    p = model.parallel
+    if rank() != 0:  # every rank holds the same results; one prints them
+        return 0
     for prompt, res in zip(prompts, results):
         print(f"--- prompt: {prompt!r}")
         print(f"    tokens: {res.tokens}")
         print(f"    text:   {res.text!r}  [{res.finish_reason}]")
     n = sum(len(r.tokens) for r in results)
-    print(f"backend={model.backend} device={model.device} dtype={args.dtype}: loaded in "
+    where = f" tp={p.tp} ep={p.ep} ({p.world_size} ranks)" if p.world_size > 1 else ""
+    print(f"backend={model.backend} device={model.device}{where} dtype={args.dtype}: loaded in "
           f"{t1 - t0:.2f}s, {n} tokens in {t2 - t1:.2f}s ({n / max(t2 - t1, 1e-9):.1f} tok/s)")
     return 0
 
@@ -67,7 +82,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .parallel import ParallelError, world_size
     from .tiny import make_tiny_checkpoint
+
+    if world_size() > 1:
+        raise ParallelError("demo runs in one process (it may write its checkpoint); under "
+                            "torchrun use: generate --model DIR")
 
     path = args.dir or _default_demo_dir()
     if os.path.exists(os.path.join(path, "config.json")):
@@ -180,14 +200,43 @@ def main(argv=None) -> int:
     from .cache import CacheError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .parallel import world_size
 
     args = build_parser().parse_args(argv)
+    known = (BackendUnavailable, CheckpointError, ConfigError, CacheError, ValueError,
+             FileExistsError)
+    if world_size() > 1:
+        return _run_rank(args, known)
     try:
         return args.func(args)
-    except (BackendUnavailable, CheckpointError, ConfigError, CacheError, ValueError,
-            FileExistsError) as e:
+    except known as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run_rank(args, known: tuple) -> int:
+    """One rank of a torchrun job. An error here must end every rank, and the others may be
+    blocked in a collective waiting for this one: print it with the rank and leave at once,
+    without the orderly shutdown that would wait for them. Their collective then fails (the
+    connection closes; torchrun also stops the other workers), or times out (DSA_DIST_TIMEOUT)."""
+    import traceback
+
+    from .parallel import CollectiveError, peer_failure, rank, report_failure
+
+    try:
+        return args.func(args)
+    except Exception as e:
+        if isinstance(e, CollectiveError):
+            cause = peer_failure()
+            msg = f"[rank {rank()}] error: {e}" + (f"; it reported: {cause}" if cause else "")
+        else:
+            msg = f"[rank {rank()}] error: {e}"
+            if not isinstance(e, known):
+                msg = f"[rank {rank()}] error: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+            report_failure(msg.splitlines()[0])
+        sys.stdout.flush()
+        print(msg, file=sys.stderr, flush=True)
+        os._exit(2 if isinstance(e, known) else 1)
 
 
 if __name__ == "__main__":

@@ -389,7 +389,18 @@ _TINY = {
                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "671b": _RELEASE_671B}
+# The release's widths (dim 7168, 128 heads, 576-wide latent, 64 x 128 indexer, 2048-wide
+# experts, index_topk 2048) with 4 layers, 8 experts and a 32K vocabulary, stored bf16 like a
+# bf16 conversion (scale_fmt ue8m0): ~2.9B parameters, ~5.7 GB. Multi-device benchmarks
+# (tools/bench_distributed.py) on one or two GPUs.
+_MEDIUM = {
+    **_RELEASE_671B,
+    "vocab_size": 32768, "num_hidden_layers": 4, "first_k_dense_replace": 1,
+    "n_routed_experts": 8, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+    "quantization_config": None, "scale_fmt": "ue8m0",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "medium": _MEDIUM, "671b": _RELEASE_671B}
 
 
 def preset(name: str) -> ModelConfig:
@@ -401,6 +412,9 @@ def preset(name: str) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------ run config
+INDEXER_DTYPES = ("auto", "fp8", "bf16", "int8")
+
+
 @dataclass
 class RunConfig:
     """How this process runs a checkpoint. Every field has a safe default.
@@ -408,13 +422,21 @@ class RunConfig:
     backend         "reference" | "cuda" | "npu" | None (best available for ``device``)
     block_size      tokens per page of the paged cache
     indexer_dtype   "fp8": Hadamard + FP8 block quantization as the official reference;
-                    "bf16": keys stored in the model dtype, no rotation, no quantization
+                    "bf16": keys stored in the model dtype, no rotation, no quantization;
+                    "int8": Hadamard + symmetric int8 (q per token and head, k per token; the
+                    Ascend 910B/C path, which has no FP8); "auto": the backend's preferred
+                    mode (fp8 on reference/cuda, bf16 on npu; see backends.indexer_dtype)
     mla_form        "absorbed" (MQA form over the 576-wide latent, what sparse kernels compute)
                     or "mha" (per-head keys/values expanded from the latent; testing / reference)
     simulate_fp8_latent   round the cached latent through FP8 (128-blocks) as the official
                     reference does to mimic its deployed FP8 KV cache
+    kv_cache_dtype  "auto": the latent cache holds the model dtype; "fp8": it holds the FP8
+                    format of ``dsa_ascend.kv_fp8`` (656 bytes a token instead of 1152 in bf16:
+                    the same FP8 latent values as ``simulate_fp8_latent``, the rope key in bf16)
     fp8_act_quant   FP8-weight linears quantize their input per token per 128 channels, as the
                     official fp8_gemm path does ("auto" = when the checkpoint is FP8)
+    debug_parallel  multi-device runs: check that every rank selected the same top-k indices in
+                    every layer (an all-gather per layer; also env DSA_DEBUG_PARALLEL=1)
     """
 
     backend: Optional[str] = None
@@ -423,11 +445,13 @@ class RunConfig:
     max_seq_len: int = 4096
     max_batch_size: int = 8
     block_size: int = 64
-    indexer_dtype: str = "fp8"
+    indexer_dtype: str = "auto"
     mla_form: str = "absorbed"
     simulate_fp8_latent: bool = True
+    kv_cache_dtype: str = "auto"
     fp8_act_quant: Any = "auto"
     prefill_chunk_size: int = 2048
+    debug_parallel: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -435,8 +459,11 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if self.indexer_dtype not in ("fp8", "bf16"):
-            raise ConfigError(f"indexer_dtype must be 'fp8' or 'bf16', got {self.indexer_dtype!r}")
+        if self.indexer_dtype not in INDEXER_DTYPES:
+            raise ConfigError(f"indexer_dtype must be one of {'|'.join(INDEXER_DTYPES)}, got "
+                              f"{self.indexer_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.mla_form not in ("absorbed", "mha"):
             raise ConfigError(f"mla_form must be 'absorbed' or 'mha', got {self.mla_form!r}")
         if self.fp8_act_quant not in ("auto", True, False):

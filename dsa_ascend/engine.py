@@ -96,7 +96,10 @@ def generate(model, prompts: Union[Prompt, Sequence[Prompt]], *, max_new_tokens:
     model.reset()
 
     def accept(rows: list[int], logits: Tensor) -> None:
-        for row, tok in zip(rows, sample(logits, temperature, top_p, gen).tolist()):
+        tokens = sample(logits, temperature, top_p, gen)
+        if temperature > 0:  # multi-device: ranks hold their own RNG state; rank 0's draw counts
+            tokens = model.parallel.broadcast(tokens)
+        for row, tok in zip(rows, tokens.tolist()):
             i = running[row]
             res = results[i]
             done = tok in stops

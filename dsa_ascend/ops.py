@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from . import kv_fp8
 from .quant import FP8_DTYPE
 
 OP_NAMES = (
@@ -107,6 +108,11 @@ def _check_paged(name: str, block_table: Tensor, cu_seqlens_q: Optional[Tensor],
                f"{tuple(cu_seqlens_q.shape)}")
 
 
+# Quantized indexer q / k dtypes: one scale per token (k) and per token-head (q, folded into the
+# weights by the caller). float8_e4m3fn: the official reference; int8: Ascend 910B/C (no FP8).
+INDEXER_QUANT_DTYPES = (FP8_DTYPE, torch.int8)
+
+
 def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                    block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
                    topk: int) -> None:
@@ -117,9 +123,11 @@ def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optiona
            f"{tuple(weights.shape)}")
     _check(k_cache.dim() == 3 and k_cache.shape[2] == d,
            f"indexer_topk: k_cache must be [blocks, block_size, {d}], got {tuple(k_cache.shape)}")
-    _check((q.dtype == FP8_DTYPE) == (k_cache.dtype == FP8_DTYPE) == (k_scale is not None),
-           f"indexer_topk: FP8 q ({q.dtype}) needs FP8 k_cache ({k_cache.dtype}) and k_scale "
-           "(and float q neither)")
+    quantized = q.dtype in INDEXER_QUANT_DTYPES
+    _check((k_cache.dtype == q.dtype if quantized else k_cache.dtype not in INDEXER_QUANT_DTYPES)
+           and quantized == (k_scale is not None),
+           f"indexer_topk: a quantized q (FP8 or int8, got {q.dtype}) needs a k_cache of the same "
+           f"dtype (got {k_cache.dtype}) and k_scale (a float q and k_cache: no k_scale)")
     if k_scale is not None:
         _check(k_scale.shape == k_cache.shape[:2] and k_scale.dtype == torch.float32,
                f"indexer_topk: k_scale must be float32 {tuple(k_cache.shape[:2])}, got "
@@ -130,9 +138,20 @@ def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optiona
 
 def _check_sparse_mla(name: str, q: Tensor, kv_cache: Tensor, indices: Tensor, d_v: int) -> None:
     d = q.shape[-1]
-    _check(kv_cache.dim() == 3 and kv_cache.shape[2] == d,
-           f"{name}: kv_cache must be [blocks, block_size, {d}], got {tuple(kv_cache.shape)}")
     _check(0 < d_v <= d, f"{name}: d_v={d_v} must lie in (0, {d}]")
+    if kv_cache.dtype == torch.uint8:  # the FP8 latent cache (dsa_ascend.kv_fp8)
+        try:
+            width = kv_fp8.entry_bytes(d_v, d - d_v)
+        except ValueError as e:
+            raise ValueError(f"{name}: kv_cache: {e}") from None
+        _check(kv_cache.dim() == 3 and kv_cache.shape[2] == width,
+               f"{name}: an FP8 (uint8) kv_cache must be [blocks, block_size, {width}], got "
+               f"{tuple(kv_cache.shape)}")
+    else:
+        _check(kv_cache.dim() == 3 and kv_cache.shape[2] == d,
+               f"{name}: kv_cache must be [blocks, block_size, {d}], got {tuple(kv_cache.shape)}")
+        _check(kv_cache.is_floating_point() and kv_cache.dtype != FP8_DTYPE,
+               f"{name}: kv_cache must be float (or the uint8 FP8 format), got {kv_cache.dtype}")
     _check(indices.dtype == torch.int32 and indices.shape[:-1] == q.shape[:-2],
            f"{name}: indices must be int32 {tuple(q.shape[:-2])} + [K], got {indices.dtype} "
            f"{tuple(indices.shape)}")
@@ -214,10 +233,11 @@ def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[
     """Lightning indexer scores + causal top-k (DSA_SPEC §5).
 
     I(t, s) = k_scale(s) * sum_h weights(t, h) * ReLU(q(t, h) . k(s)) for s <= pos(t).
-    q [T, H, D] (FP8 with k_scale, or float); weights [T, H] float32 (already holding the
-    per-head q scales and softmax scale); k_cache [blocks, block_size, D]; k_scale [blocks,
-    block_size] float32 or None. Returns (indices int32 [T, topk], scores float32 [T, topk],
-    -inf where padded).
+    q [T, H, D] (FP8 or int8 with k_scale, or float); weights [T, H] float32 (already holding
+    the per-head q scales and softmax scale); k_cache [blocks, block_size, D] of q's dtype;
+    k_scale [blocks, block_size] float32 or None. int8 dot products of D <= 1040 are exact in
+    float32 (127^2 D < 2^24), as in an int8 x int8 -> int32 matrix unit. Returns (indices int32
+    [T, topk], scores float32 [T, topk], -inf where padded).
     """
     _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk)
     return _impl(backend, "indexer_topk")(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
@@ -237,8 +257,10 @@ def sparse_mla_prefill(q: Tensor, kv_cache: Tensor, indices: Tensor, block_table
                        backend: str) -> tuple[Tensor, Tensor]:
     """Sparse MLA (absorbed form) for ragged prefill.
 
-    q [T, H, D] (D = 576: 512 absorbed nope + 64 rope); kv_cache [blocks, block_size, D], one KV
-    head shared by all H heads, value = its first ``d_v`` channels; indices [T, K].
+    q [T, H, D] (D = 576: 512 absorbed nope + 64 rope); kv_cache [blocks, block_size, D] float,
+    or uint8 [blocks, block_size, 656] in the FP8 format of ``dsa_ascend.kv_fp8``; one KV head
+    shared by all H heads, value = its first ``d_v`` channels (dequantized); indices [T, K]
+    positions within the token's sequence, -1 = none.
     Returns (out [T, H, d_v] in q's dtype, lse [T, H] float32, natural log).
     """
     _check_sparse_mla("sparse_mla_prefill", q, kv_cache, indices, d_v)
@@ -281,6 +303,13 @@ class Ops:
 
         implementations(backend)  # fail now, with the reason, not at the first forward
         self.backend = backend
+
+    def indexer_dtype(self, requested: str) -> str:
+        """The indexer mode this backend runs for RunConfig.indexer_dtype ("auto" = its
+        preferred one); a mode it lacks raises BackendUnavailable naming the option."""
+        from .backends import indexer_dtype
+
+        return indexer_dtype(self.backend, requested)
 
     def hadamard_rotate(self, x: Tensor) -> Tensor:
         return torch.ops.dsa.hadamard_rotate(x, self.backend)

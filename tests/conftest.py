@@ -15,7 +15,8 @@ if not torch.cuda.is_available():  # Triton kernels then run under the interpret
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton is first imported
 
 import dsa_ascend
-from dsa_ascend.backends import unavailable_reason
+from dsa_ascend.backends import BackendUnavailable, indexer_dtype, unavailable_reason
+from dsa_ascend.backends import _module as backend_module
 from dsa_ascend.tiny import make_tiny_checkpoint
 
 DEVICE_OF = {"reference": "cpu", "cuda": "cuda", "npu": "npu"}
@@ -79,6 +80,26 @@ def load_tiny(tiny_dir, backend, device):
                                dtype=torch.float32, **options)
 
     return load
+
+
+def require_indexer_dtype(backend: str, mode: str) -> None:
+    """Skip, with the backend's reason, a test of an indexer mode (RunConfig.indexer_dtype)
+    that ``backend`` legitimately lacks -- e.g. "fp8" on npu (the 910B/C have no FP8 units).
+    Backends that run the mode are unaffected."""
+    try:
+        indexer_dtype(backend, mode)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+def require_kv_cache_dtype(backend: str, mode: str) -> None:
+    """Skip, with the reason, a test whose sparse attention ops read a latent cache format
+    (RunConfig.kv_cache_dtype) that ``backend``'s operators cannot read: a backend module
+    lists the ones it can in ``KV_CACHE_DTYPES`` (default: all)."""
+    supported = getattr(backend_module(backend), "KV_CACHE_DTYPES", None)
+    if supported is not None and mode not in supported:
+        pytest.skip(f"backend {backend!r} does not read kv_cache_dtype={mode!r} "
+                    f"(its operators read {'|'.join(supported)})")
 
 
 def assert_close_to_ref(got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor = None,

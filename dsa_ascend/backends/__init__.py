@@ -58,6 +58,24 @@ def implementations(name: str) -> dict[str, Callable]:
     return _cache[name]
 
 
+# Indexer modes of a backend module that declares no INDEXER_DTYPES (preferred first).
+_DEFAULT_INDEXER_DTYPES = ("fp8", "bf16")
+
+
+def indexer_dtype(name: str, requested: str) -> str:
+    """The indexer mode backend ``name`` runs for ``requested`` (RunConfig.indexer_dtype): the
+    backend's preferred mode for "auto" (the first of its module's ``INDEXER_DTYPES``), else
+    ``requested`` if the backend has it; a mode it lacks is an error naming the option."""
+    supported = tuple(getattr(_module(name), "INDEXER_DTYPES", _DEFAULT_INDEXER_DTYPES))
+    if requested == "auto":
+        return supported[0]
+    if requested not in supported:
+        raise BackendUnavailable(
+            f"backend {name!r} does not run indexer_dtype={requested!r}: choose one of "
+            f"{'|'.join(supported)} (or 'auto' = {supported[0]!r})")
+    return requested
+
+
 def resolve(name: Optional[str], device: torch.device) -> str:
     """The backend to use: ``name`` if it can run on ``device`` (else a clear error), or the best
     available one for the device when ``name`` is None."""

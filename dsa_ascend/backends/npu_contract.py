@@ -1,9 +1,11 @@
-"""CONTRACT EMULATOR (CPU, plain torch) of two Ascend operators -- not an NPU implementation.
+"""CONTRACT EMULATOR (CPU, plain torch) of three Ascend operators -- not an NPU implementation.
 
-``emulated_npu_lightning_indexer`` and ``emulated_npu_sparse_flash_attention`` reproduce the
-documented calling contract of ``torch_npu.npu_lightning_indexer`` and
-``torch_npu.npu_sparse_flash_attention`` (CANN 8.3+, see /work/shared/docs/NPU_NOTES.md): the
-same argument names, layouts and semantics. They exist so that the ``npu`` backend's glue (the
+``emulated_npu_lightning_indexer``, ``emulated_npu_quant_lightning_indexer`` and
+``emulated_npu_sparse_flash_attention`` reproduce the documented calling contract of
+``torch_npu.npu_lightning_indexer``, ``torch_npu.npu_quant_lightning_indexer`` (int8, Atlas A3)
+and ``torch_npu.npu_sparse_flash_attention`` (CANN 8.3+, see /work/shared/docs/NPU_NOTES.md and
+the ops-transformer README of QuantLightningIndexer): the same argument names, layouts and
+semantics. They exist so that the ``npu`` backend's glue (the
 translation of our cache and index conventions into those layouts) is tested on a machine
 without an NPU; our own AscendC operators (ops/ascendc) implement the same contract. Nothing
 here ran on, or was checked against, Ascend hardware.
@@ -23,11 +25,16 @@ The contract, as emulated:
   attention uses the entries before the first -1 (and, in sparse_mode 3, drops any beyond the
   causal limit).
 - Rows of a BSND query beyond its actual length produce -1 indices / zero outputs.
-Deviations (for testing only): float32 inputs are accepted besides bf16/fp16; index ``values``
-are float32 (-inf where padded); softmax_max / softmax_sum ([T, N2, N1] for TND,
-[B, S1, N2, N1] for BSND, float32) are returned for every key layout, whereas the documented
-operator returns them only when ``layout_kv`` is not PA_BSND. Memory stays bounded: scores are
-formed for chunks of query rows, never [S1, S2] for a whole batch.
+- The quantized indexer takes int8 query/key and dequant scales per (token, head) of the query
+  and per token of the key, applied inside the ReLU (they are positive, so the same as folding
+  the query's into the weights); it returns the indices only.
+Deviations (for testing only): float32 inputs are accepted besides bf16/fp16 (weights and
+dequant scales of the quantized indexer: besides fp16); index ``values`` are float32 (-inf where
+padded), and the quantized indexer returns them too with ``return_value=True``; softmax_max /
+softmax_sum ([T, N2, N1] for TND, [B, S1, N2, N1] for BSND, float32) are returned for every key
+layout, whereas the documented operator returns them only when ``layout_kv`` is not PA_BSND.
+Memory stays bounded: scores are formed for chunks of query rows, never [S1, S2] for a whole
+batch.
 """
 
 from __future__ import annotations
@@ -165,6 +172,58 @@ def _check_mode(op: str, sparse_mode: int, pre_tokens: int, next_tokens: int) ->
              f"{op}: only the default pre_tokens/next_tokens are emulated")
 
 
+def _indexer_topk(op: str, q: _Queries, w: Tensor, k: _Keys, sparse_count: int, sparse_mode: int,
+                  q_scale: Optional[Tensor] = None,
+                  k_scale: Optional[_Keys] = None) -> tuple[Tensor, Tensor]:
+    """Scores and top-k of every query row: float32 [rows, K] values, int32 [rows, K] indices.
+    With scales: ReLU(q_scale[t, n] * k_scale[s] * (q[t, n] . k[s])) (int8 dots are exact in
+    float32 for D <= 1040)."""
+    rows, kk = q.rows.shape[0], sparse_count
+    n1 = q.rows.shape[1]
+    indices = torch.full((rows, kk), -1, dtype=torch.int32)
+    values = torch.full((rows, kk), float("-inf"), dtype=torch.float32)
+    for b, (q0, ql, kl) in enumerate(zip(q.starts, q.lens, k.lens)):
+        if ql == 0 or kl == 0:
+            continue
+        slots = k.slots(b, torch.arange(kl))
+        keys = k.rows[slots][:, 0].float()  # [L, D]
+        chunk = max(1, CHUNK_ELEMENTS // (n1 * kl))
+        for c0 in range(0, ql, chunk):
+            c1 = min(c0 + chunk, ql)
+            score = torch.einsum("cnd,ld->cnl", q.rows[q0 + c0:q0 + c1].float(), keys)
+            if q_scale is not None:
+                score = score * q_scale[q0 + c0:q0 + c1, :, None].float()
+            if k_scale is not None:
+                score = score * k_scale.rows[slots].reshape(1, 1, kl).float()
+            score = torch.einsum("cnl,cn->cl", score.clamp_min(0), w[q0 + c0:q0 + c1].float())
+            limit = _visible_limit(sparse_mode, kl, ql, torch.arange(c0, c1))
+            score = score.masked_fill(torch.arange(kl)[None, :] >= limit[:, None], float("-inf"))
+            # A stable descending sort keeps equal scores in ascending position order.
+            val, pos = torch.sort(score, dim=-1, descending=True, stable=True)
+            take = min(kk, kl)
+            val, pos = val[:, :take], pos[:, :take].to(torch.int32)
+            pos = pos.masked_fill(torch.isneginf(val), -1)
+            indices[q0 + c0:q0 + c1, :take], values[q0 + c0:q0 + c1, :take] = pos, val
+    return indices, values
+
+
+def _indexer_inputs(op: str, query: Tensor, key: Tensor, weights: Tensor, layout_query: str,
+                    layout_key: str, actual_q: Lengths, actual_k: Lengths,
+                    block_table: Optional[Tensor], sparse_count: int, sparse_mode: int,
+                    pre_tokens: int, next_tokens: int) -> tuple[_Queries, Tensor, _Keys]:
+    _check_mode(op, sparse_mode, pre_tokens, next_tokens)
+    _require(sparse_count in SPARSE_COUNTS, f"{op}: sparse_count {sparse_count} must be 1..2048 "
+             "or 3072..8192 in steps of 1024")
+    q = _queries(op, query, layout_query, actual_q, "query")
+    n1, d = q.rows.shape[1:]
+    _require(weights.shape[:-1] == query.shape[:-2] and weights.shape[-1] == n1,
+             f"{op}: weights must be {tuple(query.shape[:-1])}, got {tuple(weights.shape)}")
+    w = weights.reshape(q.rows.shape[0], n1)
+    k = _keys(op, key, layout_key, actual_k, block_table, len(q.starts))
+    _require(k.rows.shape[-1] == d, f"{op}: key head dim {k.rows.shape[-1]} != query's {d}")
+    return q, w, k
+
+
 def emulated_npu_lightning_indexer(
         query: Tensor, key: Tensor, weights: Tensor, *, actual_seq_lengths_query: Lengths = None,
         actual_seq_lengths_key: Lengths = None, block_table: Optional[Tensor] = None,
@@ -178,43 +237,61 @@ def emulated_npu_lightning_indexer(
     values is empty unless ``return_value``.
     """
     op = "npu_lightning_indexer (emulated)"
-    _check_mode(op, sparse_mode, pre_tokens, next_tokens)
-    _require(sparse_count in SPARSE_COUNTS, f"{op}: sparse_count {sparse_count} must be 1..2048 "
-             "or 3072..8192 in steps of 1024")
     _require(query.dtype in FLOAT_DTYPES and key.dtype in FLOAT_DTYPES,
              f"{op}: query/key must be bf16/fp16 (float32 accepted by the emulator), got "
              f"{query.dtype}/{key.dtype}")
-    q = _queries(op, query, layout_query, actual_seq_lengths_query, "query")
-    n1, d = q.rows.shape[1:]
-    w = weights.reshape(q.rows.shape[0], n1)
-    _require(weights.shape[:-1] == query.shape[:-2] and weights.shape[-1] == n1,
-             f"{op}: weights must be {tuple(query.shape[:-1])}, got {tuple(weights.shape)}")
-    k = _keys(op, key, layout_key, actual_seq_lengths_key, block_table, len(q.starts))
-    _require(k.rows.shape[-1] == d, f"{op}: key head dim {k.rows.shape[-1]} != query's {d}")
-
-    rows, kk = q.rows.shape[0], sparse_count
-    indices = torch.full((rows, kk), -1, dtype=torch.int32)
-    values = torch.full((rows, kk), float("-inf"), dtype=torch.float32)
-    for b, (q0, ql, kl) in enumerate(zip(q.starts, q.lens, k.lens)):
-        if ql == 0 or kl == 0:
-            continue
-        keys = k.rows[k.slots(b, torch.arange(kl))][:, 0].float()  # [L, D]
-        chunk = max(1, CHUNK_ELEMENTS // (n1 * kl))
-        for c0 in range(0, ql, chunk):
-            c1 = min(c0 + chunk, ql)
-            qc = q.rows[q0 + c0:q0 + c1].float()                  # [c, N1, D]
-            score = torch.einsum("cnd,ld->cnl", qc, keys).clamp_min(0)
-            score = torch.einsum("cnl,cn->cl", score, w[q0 + c0:q0 + c1].float())
-            limit = _visible_limit(sparse_mode, kl, ql, torch.arange(c0, c1))
-            score = score.masked_fill(torch.arange(kl)[None, :] >= limit[:, None], float("-inf"))
-            # A stable descending sort keeps equal scores in ascending position order.
-            val, pos = torch.sort(score, dim=-1, descending=True, stable=True)
-            take = min(kk, kl)
-            val, pos = val[:, :take], pos[:, :take].to(torch.int32)
-            pos = pos.masked_fill(torch.isneginf(val), -1)
-            indices[q0 + c0:q0 + c1, :take], values[q0 + c0:q0 + c1, :take] = pos, val
-    shape = (*query.shape[:-2], 1, kk)
+    q, w, k = _indexer_inputs(op, query, key, weights, layout_query, layout_key,
+                              actual_seq_lengths_query, actual_seq_lengths_key, block_table,
+                              sparse_count, sparse_mode, pre_tokens, next_tokens)
+    indices, values = _indexer_topk(op, q, w, k, sparse_count, sparse_mode)
+    shape = (*query.shape[:-2], 1, sparse_count)
     return indices.view(shape), (values.view(shape) if return_value else values.new_empty(0))
+
+
+def emulated_npu_quant_lightning_indexer(
+        query: Tensor, key: Tensor, weights: Tensor, query_dequant_scale: Tensor,
+        key_dequant_scale: Tensor, *, actual_seq_lengths_query: Lengths = None,
+        actual_seq_lengths_key: Lengths = None, block_table: Optional[Tensor] = None,
+        query_quant_mode: int = 0, key_quant_mode: int = 0, layout_query: str = "BSND",
+        layout_key: str = "BSND", sparse_count: int = 2048, sparse_mode: int = 3,
+        pre_tokens: int = MAX_INT64, next_tokens: int = MAX_INT64,
+        return_value: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Emulates ``torch_npu.npu_quant_lightning_indexer`` with int8 query/key (Atlas A3):
+    score(t, s) = sum_n weights[t, n] * ReLU(query_dequant_scale[t, n] * key_dequant_scale[s] *
+    (query[t, n] . key[s])), then the top ``sparse_count`` keys per query row.
+
+    query int8 [B, S1, N1, D] / [T, N1, D]; key int8 like the indexer's key (PA_BSND: [blocks,
+    block_size, 1, D]); weights and query_dequant_scale [B, S1, N1] / [T, N1]; key_dequant_scale
+    the key's shape without D ([blocks, block_size, 1] for PA_BSND). query/key_quant_mode 0
+    (per token-head) only. Returns the indices (int32, shaped as the indexer's), like
+    torch_npu; with ``return_value`` (an extension, as our own operator offers) also the
+    float32 scores.
+    """
+    op = "npu_quant_lightning_indexer (emulated)"
+    _require(query.dtype == torch.int8 and key.dtype == torch.int8,
+             f"{op}: query/key must be int8 (Atlas A3), got {query.dtype}/{key.dtype}")
+    _require(query_quant_mode == 0 and key_quant_mode == 0,
+             f"{op}: only quant mode 0 (per token-head) exists, got {query_quant_mode}/"
+             f"{key_quant_mode}")
+    for name, t in (("weights", weights), ("query_dequant_scale", query_dequant_scale),
+                    ("key_dequant_scale", key_dequant_scale)):
+        _require(t.dtype in (torch.float16, torch.float32), f"{op}: {name} must be float16 "
+                 f"(float32 accepted by the emulator), got {t.dtype}")
+    q, w, k = _indexer_inputs(op, query, key, weights, layout_query, layout_key,
+                              actual_seq_lengths_query, actual_seq_lengths_key, block_table,
+                              sparse_count, sparse_mode, pre_tokens, next_tokens)
+    _require(query_dequant_scale.shape == weights.shape,
+             f"{op}: query_dequant_scale must be {tuple(weights.shape)}, got "
+             f"{tuple(query_dequant_scale.shape)}")
+    _require(key_dequant_scale.shape == key.shape[:-1],
+             f"{op}: key_dequant_scale must be {tuple(key.shape[:-1])}, got "
+             f"{tuple(key_dequant_scale.shape)}")
+    k_scale = _keys(op, key_dequant_scale.unsqueeze(-1), layout_key, actual_seq_lengths_key,
+                    block_table, len(q.starts), "key_dequant_scale")
+    indices, values = _indexer_topk(op, q, w, k, sparse_count, sparse_mode,
+                                    query_dequant_scale.reshape(w.shape), k_scale)
+    shape = (*query.shape[:-2], 1, sparse_count)
+    return (indices.view(shape), values.view(shape)) if return_value else indices.view(shape)
 
 
 def emulated_npu_sparse_flash_attention(
@@ -293,4 +370,5 @@ def emulated_npu_sparse_flash_attention(
     return out, smax.view(lse_shape), ssum.view(lse_shape)
 
 
-__all__ = ["ContractError", "emulated_npu_lightning_indexer", "emulated_npu_sparse_flash_attention"]
+__all__ = ["ContractError", "emulated_npu_lightning_indexer", "emulated_npu_quant_lightning_indexer",
+           "emulated_npu_sparse_flash_attention"]

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import paging
+from .. import kv_fp8, paging
 from ..quant import (
     FP8_DTYPE,
     dequantize_fp8_blocks,
@@ -19,6 +19,8 @@ from ..quant import (
 
 # Upper bound on the elements of one chunk's float32 intermediate (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
+# RunConfig.indexer_dtype modes this backend runs, preferred ("auto") first: the official FP8.
+INDEXER_DTYPES = ("fp8", "bf16", "int8")
 
 
 def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
@@ -128,7 +130,8 @@ def _sparse_attention(q: Tensor, kv_cache: Tensor, indices: Tensor, block_table:
     ``rows`` [T]; one KV head, value = the first d_v channels of each entry."""
     t, h, d = q.shape
     k = indices.shape[-1]
-    flat = kv_cache.reshape(-1, d)
+    fp8 = kv_cache.dtype == torch.uint8  # the FP8 latent cache: dequantize what is gathered
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
     out = q.new_empty((t, h, d_v))
     lse = torch.empty((t, h), dtype=torch.float32, device=q.device)
     chunk = max(1, CHUNK_ELEMENTS // (k * (d + h)))
@@ -136,7 +139,8 @@ def _sparse_attention(q: Tensor, kv_cache: Tensor, indices: Tensor, block_table:
         c1 = min(c0 + chunk, t)
         idx = indices[c0:c1].long()
         valid = idx >= 0
-        kv = flat[paging.slots(block_table, rows[c0:c1, None], idx, kv_cache.shape[1])].float()
+        kv = flat[paging.slots(block_table, rows[c0:c1, None], idx, kv_cache.shape[1])]
+        kv = kv_fp8.unpack(kv, d_v) if fp8 else kv.float()
         s = torch.einsum("chd,ckd->chk", q[c0:c1].float(), kv) * scale
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
         m = torch.logsumexp(s, dim=-1)  # [c, H]; -inf for a row with nothing to attend to

@@ -4,7 +4,8 @@ I(t, s) = sum_j w(t, j) * ReLU(q(t, j) . k(s)), computed as the official referen
 on the first 64 channels ([pe | nope], half-split pairs), a scaled Walsh-Hadamard rotation, FP8
 quantization with one scale per token per head, and the scales folded into the head weights.
 The "bf16" mode keeps q/k in the model dtype with neither rotation (orthogonal, so q.k is
-unchanged up to rounding) nor quantization, as Ascend ports without FP8 do.
+unchanged up to rounding) nor quantization, as Ascend ports without FP8 do; the "int8" mode
+rotates and quantizes to symmetric int8 instead of FP8 (the Ascend 910B/C "C8" indexer).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import PagedCache, Step
+from ..quant import quantize_int8_rows
 from .layers import Context, LayerNorm, Linear
 from .rope import apply_rope_half, apply_rope_interleaved
 
@@ -47,6 +49,13 @@ class Indexer(nn.Module):
             k, k_scale = ops.quantize_fp8(ops.hadamard_rotate(k), d, ue8m0)
             weights = weights * q_scale.squeeze(-1) * d ** -0.5
             cache.store_index(self.layer_id, step, k, k_scale.squeeze(-1))
+        elif self.ctx.run.indexer_dtype == "int8":
+            # Symmetric int8 after the same rotation (it spreads outliers over the 128
+            # channels): q per (token, head), k per token, scale = amax / 127.
+            q, q_scale = quantize_int8_rows(ops.hadamard_rotate(q))
+            k, k_scale = quantize_int8_rows(ops.hadamard_rotate(k))
+            weights = weights * q_scale * d ** -0.5
+            cache.store_index(self.layer_id, step, k, k_scale)
         else:
             weights = weights * d ** -0.5
             cache.store_index(self.layer_id, step, k, None)
@@ -54,4 +63,7 @@ class Indexer(nn.Module):
         topk = min(self.ctx.config.index_topk, step.max_seqlen_k)
         indices, _ = ops.indexer_topk(q, weights, layer.index_k, layer.index_scale,
                                       step.block_table, step.cu_seqlens_q, step.seqlens_k, topk)
+        # Replicated on every rank, so the same by construction; debug mode verifies the sets.
+        self.ctx.parallel.check_replicated(indices, f"layer {self.layer_id}: indexer top-k",
+                                           as_set=True)
         return indices

@@ -14,17 +14,20 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, RunConfig
 from ..ops import Ops
+from ..parallel import SINGLE, Parallel
 from ..quant import FP8_DTYPE, dequantize_int8_rows, dequantize_weight
 
 
 @dataclass
 class Context:
-    """What every layer may consult: the seam (ops), the model and run configs, the dtype."""
+    """What every layer may consult: the seam (ops), the model and run configs, the dtype, and
+    this rank's share of a multi-device run (``parallel``: its splits and collectives)."""
 
     config: ModelConfig
     run: RunConfig
     ops: Ops
     dtype: torch.dtype
+    parallel: Parallel = SINGLE
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -114,23 +117,45 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x), the product in float32 (DSA_SPEC §6)."""
+    """SwiGLU: down(silu(gate x) * up x), the product in float32 (DSA_SPEC §6).
 
-    def __init__(self, ctx: Context, dim: int, inter_dim: int):
+    ``tp_split``: the hidden dim is split over the tensor-parallel ranks (gate/up column-,
+    down row-parallel); the output is then this rank's partial sum, summed over the ranks here
+    when ``reduce``, else by the caller (the MoE folds it into its own reduction).
+    """
+
+    def __init__(self, ctx: Context, dim: int, inter_dim: int, tp_split: bool = False,
+                 reduce: bool = True, what: str = "intermediate_size"):
         super().__init__()
+        self.parallel = ctx.parallel
+        self.reduce = tp_split and reduce
+        if tp_split:
+            inter_dim = ctx.parallel.tp_part(inter_dim, what)
         self.gate_proj = Linear(ctx, dim, inter_dim)
         self.up_proj = Linear(ctx, dim, inter_dim)
         self.down_proj = Linear(ctx, inter_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
-        return self.down_proj(h.to(x.dtype))
+        y = self.down_proj(h.to(x.dtype))
+        return self.parallel.all_reduce_tp(y) if self.reduce else y
 
 
 class Embedding(nn.Module):
+    """Vocab-parallel over the TP ranks: each holds a contiguous range of rows, looks up the
+    tokens in it (zeros elsewhere) and the sum over the ranks is the embedding."""
+
     def __init__(self, ctx: Context, vocab_size: int, dim: int):
         super().__init__()
-        self.weight = _param(vocab_size, dim, dtype=ctx.dtype)
+        self.parallel = ctx.parallel
+        rows = ctx.parallel.tp_part(vocab_size, "vocab_size")
+        self.first = ctx.parallel.tp_rank * rows
+        self.weight = _param(rows, dim, dtype=ctx.dtype)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return F.embedding(tokens, self.weight)
+        if self.parallel.tp == 1:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.first
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.parallel.all_reduce_tp(y.masked_fill(outside[..., None], 0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import paging
+from .. import kv_fp8, paging
 from ..cache import PagedCache, Step
 from ..quant import dequantize_fp8_blocks
 from .indexer import Indexer
@@ -29,15 +29,17 @@ class MLA(nn.Module):
         super().__init__()
         c = ctx.config
         self.ctx, self.layer_id = ctx, layer_id
-        self.n_heads, self.nope, self.rope_dim = c.n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        # Tensor parallelism splits the heads (this rank's n_heads / tp); the latent is shared.
+        self.n_heads = ctx.parallel.tp_part(c.n_heads, "num_attention_heads")
+        self.nope, self.rope_dim = c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_dim, self.latent = c.v_head_dim, c.kv_lora_rank
         self.q_a_proj = Linear(ctx, c.dim, c.q_lora_rank)
         self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-        self.q_b_proj = Linear(ctx, c.q_lora_rank, c.n_heads * c.qk_head_dim)
+        self.q_b_proj = Linear(ctx, c.q_lora_rank, self.n_heads * c.qk_head_dim)
         self.kv_a_proj_with_mqa = Linear(ctx, c.dim, c.kv_lora_rank + c.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = Linear(ctx, c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim))
-        self.o_proj = Linear(ctx, c.n_heads * c.v_head_dim, c.dim)
+        self.kv_b_proj = Linear(ctx, c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = Linear(ctx, self.n_heads * c.v_head_dim, c.dim)
         self.indexer = Indexer(ctx, layer_id)
         self.softmax_scale = c.softmax_scale()
         self._kv_b: tuple[int, Tensor] | None = None
@@ -59,7 +61,7 @@ class MLA(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope_interleaved(k_pe, cos, sin)
-        if self.ctx.run.simulate_fp8_latent:
+        if self.ctx.run.simulate_fp8_latent and self.ctx.run.kv_cache_dtype != "fp8":
             # DeepSeek's reference rounds the latent through FP8 (128-blocks) to mimic the FP8
             # cache it deploys; the rope part stays unquantized.
             q8, s8 = ops.quantize_fp8(latent, 128, self.ctx.config.ue8m0)
@@ -86,7 +88,7 @@ class MLA(nn.Module):
                                               step.cu_seqlens_q, step.seqlens_k,
                                               self.softmax_scale, self.latent)
             o = torch.einsum("thc,hdc->thd", o.float(), w[:, self.nope:])
-        return self.o_proj(o.flatten(1).to(x.dtype))
+        return self.ctx.parallel.all_reduce_tp(self.o_proj(o.flatten(1).to(x.dtype)))
 
     def _mha(self, q_nope: Tensor, q_pe: Tensor, indices: Tensor, step: Step, kv_cache: Tensor,
              w: Tensor) -> Tensor:
@@ -102,7 +104,9 @@ class MLA(nn.Module):
             c1 = min(c0 + chunk, t)
             idx = indices[c0:c1].long()
             entries = flat[paging.slots(step.block_table, rows[c0:c1, None], idx,
-                                        kv_cache.shape[1])].float()
+                                        kv_cache.shape[1])]
+            entries = (kv_fp8.unpack(entries, self.latent) if entries.dtype == torch.uint8
+                       else entries.float())
             latent, k_pe = entries.split([self.latent, self.rope_dim], dim=-1)
             k_nope = torch.einsum("skc,hdc->skhd", latent, w_uk)
             v = torch.einsum("skc,hdc->skhd", latent, w_uv)

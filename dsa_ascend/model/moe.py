@@ -1,4 +1,10 @@
-"""Mixture of experts with group-limited sigmoid routing and score-correction bias (DSA_SPEC §6)."""
+"""Mixture of experts with group-limited sigmoid routing and score-correction bias (DSA_SPEC §6).
+
+Expert parallelism: a rank holds the routed experts of its EP rank (the others stay as
+parameterless placeholders, so ``experts.E`` is still the checkpoint key) and the router whole;
+the shared expert is split like a dense MLP over the TP ranks (replicated when tp == 1). One
+all-reduce over all ranks sums the routed and shared partial outputs.
+"""
 
 from __future__ import annotations
 
@@ -33,24 +39,36 @@ class Gate(nn.Module):
         return weights, experts
 
 
+class RemoteExpert(nn.Module):
+    """A routed expert held by another expert-parallel rank (no parameters here)."""
+
+
 class MoE(nn.Module):
     def __init__(self, ctx: Context):
         super().__init__()
         c = ctx.config
+        self.parallel = ctx.parallel
         self.n_experts = c.n_routed_experts
+        self.local_experts = ctx.parallel.local_experts(c.n_routed_experts)
         self.gate = Gate(ctx)
-        self.experts = nn.ModuleList(MLP(ctx, c.dim, c.moe_inter_dim) for _ in range(c.n_routed_experts))
-        self.shared_experts = (MLP(ctx, c.dim, c.n_shared_experts * c.moe_inter_dim)
+        self.experts = nn.ModuleList(MLP(ctx, c.dim, c.moe_inter_dim) if e in self.local_experts
+                                     else RemoteExpert() for e in range(c.n_routed_experts))
+        self.shared_experts = (MLP(ctx, c.dim, c.n_shared_experts * c.moe_inter_dim, tp_split=True,
+                                   reduce=False, what="n_shared_experts * moe_intermediate_size")
                                if c.n_shared_experts else None)
 
     def forward(self, x: Tensor) -> Tensor:
         weights, experts = self.gate(x)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()
-        for e, n in enumerate(counts):
-            if n:
-                token, slot = torch.where(experts == e)
+        first, last = self.parallel.routed_tokens(x.shape[0])
+        mine = experts[first:last]
+        counts = torch.bincount(mine.flatten(), minlength=self.n_experts).tolist()
+        for e in self.local_experts:
+            if counts[e]:
+                token, slot = torch.where(mine == e)
+                if first:
+                    token += first
                 y.index_add_(0, token, self.experts[e](x[token]).float() * weights[token, slot, None])
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and self.parallel.adds_shared:
             y += self.shared_experts(x).float()
-        return y.to(x.dtype)
+        return self.parallel.all_reduce(y).to(x.dtype)

@@ -7,6 +7,7 @@ is the engine's entry: sequences of different lengths in one packed step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from ..cache import PagedCache, Step
 from ..config import ModelConfig, RunConfig
 from ..ops import Ops
+from ..parallel import SINGLE, Parallel
 from .layers import MLP, Context, Embedding, Linear, RMSNorm
 from .mla import MLA
 from .moe import MoE
@@ -28,7 +30,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.dim, c.rms_norm_eps)
         self.self_attn = MLA(ctx, layer_id)
         self.post_attention_layernorm = RMSNorm(c.dim, c.rms_norm_eps)
-        self.mlp = MLP(ctx, c.dim, c.inter_dim) if layer_id < c.n_dense_layers else MoE(ctx)
+        self.mlp = (MLP(ctx, c.dim, c.inter_dim, tp_split=True) if layer_id < c.n_dense_layers
+                    else MoE(ctx))
 
     def forward(self, x: Tensor, residual: Optional[Tensor], step: Step, cache: PagedCache,
                 cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,15 +59,24 @@ TokenSeq = Union[Tensor, Sequence[int]]
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, run: RunConfig, backend: str, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, run: RunConfig, backend: str, dtype: torch.dtype,
+                 parallel: Parallel = SINGLE):
         super().__init__()
+        ops = Ops(backend)
+        run = dataclasses.replace(run, indexer_dtype=ops.indexer_dtype(run.indexer_dtype))
         self.config, self.run = config, run
-        self.ctx = Context(config=config, run=run, ops=Ops(backend), dtype=dtype)
+        self.ctx = Context(config=config, run=run, ops=ops, dtype=dtype, parallel=parallel)
         self.model = Backbone(self.ctx)
-        self.lm_head = Linear(self.ctx, config.dim, config.vocab_size, quantizable=False,
+        # Vocab-parallel: this rank's rows of the head; the logits are gathered in _logits.
+        vocab = parallel.tp_part(config.vocab_size, "vocab_size")
+        self.lm_head = Linear(self.ctx, config.dim, vocab, quantizable=False,
                               dtype=torch.float32)
         self.cache: Optional[PagedCache] = None
         self.tokenizer = None  # set by dsa_ascend.load when the checkpoint ships tokenizer.json
+
+    @property
+    def parallel(self) -> Parallel:
+        return self.ctx.parallel
 
     @property
     def backend(self) -> str:
@@ -81,7 +93,9 @@ class Transformer(nn.Module):
         self.cache = PagedCache(
             n_layers=c.n_layers, max_batch_size=run.max_batch_size, max_seq_len=run.max_seq_len,
             block_size=run.block_size, kv_dim=c.kv_cache_dim, index_dim=c.index_head_dim,
-            dtype=self.ctx.dtype, index_fp8=run.indexer_dtype == "fp8", device=device)
+            dtype=self.ctx.dtype, index_fp8=run.indexer_dtype == "fp8", device=device,
+            index_int8=run.indexer_dtype == "int8",
+            kv_fp8=(c.kv_lora_rank, c.ue8m0) if run.kv_cache_dtype == "fp8" else None)
 
     def reset(self, rows: Optional[Sequence[int]] = None) -> None:
         """Forget the cached tokens of ``rows`` (default: all)."""
@@ -143,5 +157,9 @@ class Transformer(nn.Module):
         h = self._hidden(tokens, step)
         if last_only:
             h = h[step.cu_seqlens_q[1:].long() - 1]
-            return list(self.lm_head(h.float()))
-        return list(self.lm_head(h.float()).split(step.q_lens))
+            return list(self._logits(h))
+        return list(self._logits(h).split(step.q_lens))
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """Final hidden states [T, dim] -> float32 logits [T, vocab] on every rank."""
+        return self.ctx.parallel.all_gather_tp(self.lm_head(h.float()))

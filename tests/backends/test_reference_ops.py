@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_to_ref, seeded
+from conftest import assert_close_to_ref, require_indexer_dtype, seeded
 
 from dsa_ascend.backends.reference import select_topk
 from dsa_ascend.ops import Ops
-from dsa_ascend.quant import FP8_DTYPE, quantize_fp8_blocks
+from dsa_ascend.quant import FP8_DTYPE, quantize_fp8_blocks, quantize_int8_rows
 
 F32_EPS = 2.0 ** -24
 
@@ -138,7 +138,11 @@ INDEXER_ROWS = [(3, 20), (40, 7), (9, 1), (0, 5)]
 TOPK, IDX_HEADS, IDX_DIM, BLOCK = 16, 4, 128, 16
 
 
-def _indexer_case(seed: int, fp8: bool):
+# The indexer modes of the op-level tests and the RunConfig.indexer_dtype each stands for.
+INDEXER_MODE = {"fp8": "fp8", "int8": "int8", "float": "bf16"}
+
+
+def _indexer_case(seed: int, mode: str):
     g = seeded(seed)
     starts = [s for s, _ in INDEXER_ROWS]
     q_lens = [n for _, n in INDEXER_ROWS]
@@ -150,10 +154,13 @@ def _indexer_case(seed: int, fp8: bool):
         torch.randn(n_blocks, BLOCK, 1, generator=g))
     q = torch.randn(t, IDX_HEADS, IDX_DIM, generator=g)
     w = torch.randn(t, IDX_HEADS, generator=g)
-    if fp8:
+    if mode == "fp8":
         q, _ = quantize_fp8_blocks(q, IDX_DIM)  # per token per head; the q scales are the caller's
         k, k_scale = quantize_fp8_blocks(k, IDX_DIM)
         k_scale = k_scale.squeeze(-1)
+    elif mode == "int8":
+        q, _ = quantize_int8_rows(q)  # per token per head, symmetric
+        k, k_scale = quantize_int8_rows(k)  # per token
     else:
         k_scale = None
     return dict(q=q, w=w, k=k, k_scale=k_scale, table=table, starts=starts, q_lens=q_lens,
@@ -207,9 +214,10 @@ def _expected_topk(ref: torch.Tensor, bound: torch.Tensor, robust: torch.Tensor,
     return set(order[:k]) if (beats | exact).all() else None
 
 
-@pytest.mark.parametrize("mode", ["fp8", "float"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "float"])
 def test_indexer_topk_paged_chunked_prefill(backend, device, mode):
-    case = _indexer_case(21, fp8=mode == "fp8")
+    require_indexer_dtype(backend, INDEXER_MODE[mode])
+    case = _indexer_case(21, mode)
     ops = Ops(backend)
     dev = lambda x: None if x is None else x.to(device)  # noqa: E731
     idx, val = ops.indexer_topk(dev(case["q"]), dev(case["w"]), dev(case["k"]), dev(case["k_scale"]),
@@ -264,11 +272,12 @@ def test_indexer_topk_paged_chunked_prefill(backend, device, mode):
     assert skipped <= (3 if rel < 1e-4 else 7), (checked, skipped)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "float"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "float"])
 def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode):
     """Bit-identical keys (and scales) repeated over the sequence give exactly equal scores:
     the op contract keeps the lowest positions among equal scores (the set is the contract;
     the reference also orders equal scores by ascending position)."""
+    require_indexer_dtype(backend, INDEXER_MODE[mode])
     g = seeded(23)
     lens, q_lens, topk = [45, 2], [3, 2], 8
     table, n_blocks = _paged(lens, BLOCK, g)
@@ -276,11 +285,16 @@ def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode)
     w = torch.rand(5, IDX_HEADS, generator=g) + 0.5
     if mode == "fp8":
         q, _ = quantize_fp8_blocks(q, IDX_DIM)
+    elif mode == "int8":
+        q, _ = quantize_int8_rows(q)
     for _ in range(50):  # draw three keys until every query scores them clearly apart
         base = torch.randn(3, IDX_DIM, generator=g)
         base_scale = torch.ones(3, 1)
         if mode == "fp8":
             base, base_scale = quantize_fp8_blocks(base, IDX_DIM)
+        elif mode == "int8":
+            base, base_scale = quantize_int8_rows(base)
+            base_scale = base_scale[:, None]
         # Float64 score of each distinct key for each query.
         dots = torch.einsum("thd,bd->thb", q.float().double(), base.float().double())
         per_base = torch.einsum("thb,th->tb", dots.clamp_min(0), w.double()) * base_scale.double().view(1, 3)
@@ -292,7 +306,7 @@ def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode)
     pattern = torch.randint(0, 3, (n_blocks, BLOCK), generator=g)
     k = (base.view(torch.uint8) if mode == "fp8" else base)[pattern]
     k = k.view(FP8_DTYPE) if mode == "fp8" else k
-    k_scale = base_scale.squeeze(-1)[pattern] if mode == "fp8" else None
+    k_scale = base_scale.squeeze(-1)[pattern] if mode != "float" else None
     cu = _cu(q_lens)
     dev = lambda x: None if x is None else x.to(device)  # noqa: E731
     idx, _ = Ops(backend).indexer_topk(dev(q), dev(w), dev(k), dev(k_scale), dev(table), dev(cu),
@@ -316,7 +330,7 @@ def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode)
 
 def test_indexer_topk_topk_larger_than_every_row(backend, device):
     """topk above every row's length: all eligible keys come back, the rest is padding."""
-    case = _indexer_case(22, fp8=False)
+    case = _indexer_case(22, "float")
     ops = Ops(backend)
     big = 64
     idx, _ = ops.indexer_topk(case["q"].to(device), case["w"].to(device), case["k"].to(device), None,
@@ -484,6 +498,9 @@ def _opcheck_cases(device):
         "indexer_topk": (q8, torch.randn(5, 2, generator=g), k8, ks.squeeze(-1), table, cu, lens, 4),
         "indexer_topk_float": (qf, torch.randn(5, 2, generator=g), torch.randn(4, 16, 128, generator=g),
                                None, table, cu, lens, 4),
+        "indexer_topk_int8": (quantize_int8_rows(qf)[0], torch.randn(5, 2, generator=g),
+                              *quantize_int8_rows(torch.randn(4, 16, 128, generator=g)), table, cu,
+                              lens, 4),
         "sparse_mla_prefill": (torch.randn(5, 2, 64, generator=g), kv, idx, table, cu, lens, 0.125, 32),
         "sparse_mla_decode": (torch.randn(2, 2, 2, 64, generator=g), kv, idx[:4].view(2, 2, 4), table,
                               lens, 0.125, 32),
@@ -502,10 +519,14 @@ OTHER_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispat
 
 
 @pytest.mark.parametrize("case", ["hadamard_rotate", "quantize_fp8", "fp8_linear", "indexer_topk",
-                                  "indexer_topk_float", "sparse_mla_prefill", "sparse_mla_decode"])
+                                  "indexer_topk_float", "indexer_topk_int8", "sparse_mla_prefill",
+                                  "sparse_mla_decode"])
 def test_opcheck(backend, device, case):
+    if case.startswith("indexer_topk"):
+        require_indexer_dtype(backend, {"indexer_topk": "fp8", "indexer_topk_float": "bf16",
+                                        "indexer_topk_int8": "int8"}[case])
     args = _opcheck_cases(device)[case] + (backend,)
-    op = getattr(torch.ops.dsa, case.removesuffix("_float")).default
+    op = getattr(torch.ops.dsa, case.removesuffix("_float").removesuffix("_int8")).default
     if case not in FP8_INPUT_CASES:
         torch.library.opcheck(op, args)
         return

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXACT, seeded
+from conftest import EXACT, require_indexer_dtype, seeded
 
 # Float32 logits of two orderings of the same float32 math differ by accumulated rounding:
 # ~1e3 reductions of ~1e-7 relative error each, so 1e-4 of the logit scale bounds it.
@@ -26,8 +26,9 @@ def _tokens(b: int, s: int, seed: int, vocab: int = 512) -> torch.Tensor:
     return torch.randint(0, vocab, (b, s), generator=seeded(seed))
 
 
-@pytest.mark.parametrize("indexer_dtype", ["fp8", "bf16"])
-def test_absorbed_and_mha_forms_agree(load_tiny, indexer_dtype):
+@pytest.mark.parametrize("indexer_dtype", ["fp8", "bf16", "int8"])
+def test_absorbed_and_mha_forms_agree(load_tiny, backend, indexer_dtype):
+    require_indexer_dtype(backend, indexer_dtype)
     tokens = _tokens(2, 48, seed=1)  # 48 > index_topk = 16: attention is really sparse
     absorbed = load_tiny(mla_form="absorbed", indexer_dtype=indexer_dtype, **EXACT)(tokens)
     mha = load_tiny(mla_form="mha", indexer_dtype=indexer_dtype, **EXACT)(tokens)
@@ -109,14 +110,17 @@ def _covering_topk_checkpoint(tiny_dir: str, tmp_path) -> str:
     return str(path)
 
 
-def test_covering_topk_makes_the_indexer_irrelevant(load_tiny, tiny_dir, tmp_path):
+@pytest.mark.parametrize("quantized", ["fp8", "int8"])
+def test_covering_topk_makes_the_indexer_irrelevant(load_tiny, backend, tiny_dir, tmp_path,
+                                                    quantized):
     """With index_topk >= sequence length every causal key is selected, so the indexer's
-    numerics (FP8 or not) cannot change the output."""
+    numerics (FP8, int8 or neither) cannot change the output."""
+    require_indexer_dtype(backend, quantized)
     path = _covering_topk_checkpoint(tiny_dir, tmp_path)
     tokens = _tokens(2, 40, seed=7)
-    fp8 = load_tiny(path, indexer_dtype="fp8", **EXACT)(tokens)
+    quant = load_tiny(path, indexer_dtype=quantized, **EXACT)(tokens)
     plain = load_tiny(path, indexer_dtype="bf16", **EXACT)(tokens)
-    _close(fp8, plain, rel=1e-5)
+    _close(quant, plain, rel=1e-5)
 
 
 def _rms(x, w, eps):
