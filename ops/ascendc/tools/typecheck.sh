@@ -48,7 +48,7 @@ fi
 KERNEL_CMD=(g++ -std=c++17 -fsyntax-only -Wall -Wextra
   -include "$HERE/cpu_stubs/dsa_typecheck_harness.h"
   -DASCENDC_CPU_DEBUG=1 -D__NPU_ARCH__=2201
-  -I"$HERE/cpu_stubs" -I"$GEN" -I"$ROOT/tiling"
+  -I"$HERE/cpu_stubs" -I"$GEN" -I"$ROOT/tiling" -I"$ROOT/common"
   -I"$ASC_DEVKIT" -I"$ASC_DEVKIT/include" -I"$ASC_DEVKIT/include/basic_api"
   -I"$ASC_DEVKIT/include/adv_api" -I"$ASC_DEVKIT/include/utils" -I"$ASC_DEVKIT/include/interface"
   -I"$ASC_DEVKIT/include/c_api" -I"$ASC_DEVKIT/impl" -I"$ASC_DEVKIT/impl/basic_api"

@@ -18,44 +18,26 @@
 #define DSA_TILING_FN __aicore__ inline
 #include "kernel_operator.h"
 #include "dsa_tiling_data.h"
+#include "dsa_kernel_common.h"
 
 using namespace AscendC;
 using namespace dsa_tiling;
 
 namespace dsa_sfa {
 
+// The shared helpers (dsa_kernel_common.h); declared here so they shadow same-named ones.
+using dsa_common::AlignUp;
+using dsa_common::kCubeRows;
+using dsa_common::kMaskScore;
+using dsa_common::kNegInfBits;
+using dsa_common::Min;
+using dsa_common::PipeSync;
+using dsa_common::RowsToNz;
+
 constexpr uint16_t kFlagScoreFull = 4;  // AIC -> AIVs
 constexpr uint16_t kFlagProbFull = 5;   // AIVs -> AIC
 constexpr uint16_t kFlagOutFull = 6;    // AIC -> AIVs
-constexpr float kMaskScore = -3.4028234663852886e38f;
 constexpr float kMaskLimit = -1.0e38f;  // a running max below this means "nothing seen yet"
-constexpr uint32_t kNegInfBits = 0xff800000u;
-constexpr uint32_t kCubeRows = 16;
-
-__aicore__ inline uint32_t Min(uint64_t a, uint64_t b) { return static_cast<uint32_t>(a < b ? a : b); }
-__aicore__ inline uint32_t AlignUp(uint32_t a, uint32_t b) { return (a + b - 1) / b * b; }
-
-// ND rows [rows, cols] (row stride srcRowStride elements) -> an NZ matrix whose column blocks
-// are dstRows rows tall (dstRows: the matrix's rows rounded up to 16).
-__aicore__ inline Nd2NzParams RowsToNz(uint32_t rows, uint32_t cols, uint32_t srcRowStride, uint32_t dstRows) {
-  Nd2NzParams p;
-  p.ndNum = 1;
-  p.nValue = static_cast<uint16_t>(rows);
-  p.dValue = static_cast<uint16_t>(cols);
-  p.srcNdMatrixStride = 0;
-  p.srcDValue = static_cast<uint16_t>(srcRowStride);
-  p.dstNzC0Stride = static_cast<uint16_t>(dstRows);
-  p.dstNzNStride = 1;
-  p.dstNzMatrixStride = 0;
-  return p;
-}
-
-template <HardEvent E>
-__aicore__ inline void PipeSync() {
-  const event_t id = static_cast<event_t>(GetTPipePtr()->FetchEventID(E));
-  SetFlag<E>(id);
-  WaitFlag<E>(id);
-}
 
 // A token's sequence, its row within it and the keys it may see.
 struct TokenInfo {
