@@ -6,6 +6,7 @@ One suite for every backend: ``pytest --backend reference`` (default), ``--backe
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -116,3 +117,25 @@ def assert_close_to_ref(got: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + int(os.environ.get("DSA_TEST_SEED", "0")))
+
+
+def rewrite_shard(path: str, key: str, fn) -> None:
+    """Rewrite the safetensors shard of checkpoint ``path`` that holds ``key`` with fn(tensors)
+    applied (fn edits the dict in place); the index json follows the shard's new key set."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dsa_ascend.checkpoint import INDEX_FILE
+
+    with open(os.path.join(path, INDEX_FILE)) as f:
+        index = json.load(f)
+    shard = os.path.join(path, index["weight_map"][key])
+    with safe_open(shard, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fn(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    name = os.path.basename(shard)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
+    index["weight_map"].update(dict.fromkeys(tensors, name))
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        json.dump(index, f)

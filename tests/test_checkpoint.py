@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import rewrite_shard
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import dsa_ascend
 from dsa_ascend.checkpoint import INDEX_FILE, CheckpointError
@@ -29,20 +29,6 @@ def _index(path):
     with open(os.path.join(path, INDEX_FILE)) as f:
         return json.load(f)
 
-
-def _rewrite(path: str, key: str, fn):
-    """Rewrite the shard holding ``key`` with fn(tensors) applied; keep the index in sync."""
-    index = _index(path)
-    shard = os.path.join(path, index["weight_map"][key])
-    with safe_open(shard, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    fn(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors or
-                           v != os.path.basename(shard)}
-    index["weight_map"].update(dict.fromkeys(tensors, os.path.basename(shard)))
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-        json.dump(index, f)
 
 
 def _load(path, **kw):
@@ -92,14 +78,14 @@ def test_mtp_layer_is_ignored_with_a_log_line(tiny_dir, caplog):
 
 def test_missing_tensor_is_named(tiny_dir, tmp_path):
     path = _copy(tiny_dir, tmp_path)
-    _rewrite(path, KEY, lambda t: t.pop(KEY))
+    rewrite_shard(path, KEY, lambda t: t.pop(KEY))
     with pytest.raises(CheckpointError, match=KEY.replace(".", r"\.")):
         _load(path)
 
 
 def test_extra_tensor_is_named(tiny_dir, tmp_path):
     path = _copy(tiny_dir, tmp_path)
-    _rewrite(path, KEY, lambda t: t.__setitem__("model.layers.0.surprise.weight", torch.ones(3)))
+    rewrite_shard(path, KEY, lambda t: t.__setitem__("model.layers.0.surprise.weight", torch.ones(3)))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.surprise\.weight"):
         _load(path)
 
@@ -107,7 +93,7 @@ def test_extra_tensor_is_named(tiny_dir, tmp_path):
 def test_wrong_shape_is_named(tiny_dir, tmp_path):
     path = _copy(tiny_dir, tmp_path)
     key = "model.layers.0.input_layernorm.weight"
-    _rewrite(path, key, lambda t: t.__setitem__(key, torch.ones(7, dtype=torch.bfloat16)))
+    rewrite_shard(path, key, lambda t: t.__setitem__(key, torch.ones(7, dtype=torch.bfloat16)))
     with pytest.raises(CheckpointError, match=r"input_layernorm\.weight.*\[7\]"):
         _load(path)
 
@@ -119,14 +105,14 @@ def test_wrong_shape_is_named(tiny_dir, tmp_path):
 ])
 def test_wrong_dtype_is_named(tiny_dir, tmp_path, key, dtype):
     path = _copy(tiny_dir, tmp_path)
-    _rewrite(path, key, lambda t: t.__setitem__(key, t[key].float().to(dtype)))
+    rewrite_shard(path, key, lambda t: t.__setitem__(key, t[key].float().to(dtype)))
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         _load(path)
 
 
 def test_fp8_weight_without_scale_is_named(tiny_dir, tmp_path):
     path = _copy(tiny_dir, tmp_path)
-    _rewrite(path, KEY, lambda t: t.pop(KEY + "_scale_inv"))
+    rewrite_shard(path, KEY, lambda t: t.pop(KEY + "_scale_inv"))
     with pytest.raises(CheckpointError, match=r"q_b_proj\.weight_scale_inv"):
         _load(path)
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import seeded
+from conftest import rewrite_shard, seeded
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -432,18 +432,6 @@ def _index(path) -> dict:
     return json.load(open(os.path.join(path, INDEX_FILE)))
 
 
-def _rewrite(path: str, key: str, fn) -> None:
-    index = _index(path)
-    shard = os.path.join(path, index["weight_map"][key])
-    with safe_open(shard, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    fn(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    name = os.path.basename(shard)
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
-    index["weight_map"].update(dict.fromkeys(tensors, name))
-    json.dump(index, open(os.path.join(path, INDEX_FILE), "w"))
-
 
 def _missing_shard(p):
     os.remove(os.path.join(p, _index(p)["weight_map"][KEY]))
@@ -472,14 +460,14 @@ def _shape_vs_config(p):
     (_truncated, r"model-0000\d-of-00002\.safetensors: not a readable safetensors file", {}),
     (_index_disagrees, r"maps 'model\.layers\.1\.self_attn\.q_b_proj\.weight' to "
                        r"'model-0000\d-of-00002\.safetensors', but it is in", {}),
-    (lambda p: _rewrite(p, KEY, lambda t: t.pop(KEY + "_scale_inv")),
+    (lambda p: rewrite_shard(p, KEY, lambda t: t.pop(KEY + "_scale_inv")),
      r"FP8 tensor 'model\.layers\.1\.self_attn\.q_b_proj\.weight' has no "
      r"'model\.layers\.1\.self_attn\.q_b_proj\.weight_scale_inv'", {}),
-    (lambda p: _rewrite(p, MTP_KEY, lambda t: t.pop(MTP_KEY + "_scale_inv")),
+    (lambda p: rewrite_shard(p, MTP_KEY, lambda t: t.pop(MTP_KEY + "_scale_inv")),
      r"FP8 tensor 'model\.layers\.3\.eh_proj\.weight' has no", {"keep_mtp": True}),
     (_shape_vs_config, r"tensor 'model\.layers\.\d\.self_attn\.q_a_proj\.weight' has shape "
                        r"\[128, 256\], config\.json implies \[96, 256\]", {}),
-    (lambda p: _rewrite(p, KEY, lambda t: t.__setitem__(
+    (lambda p: rewrite_shard(p, KEY, lambda t: t.__setitem__(
         "model.layers.3.mystery.weight", torch.ones(2))),
      r"unknown tensor 'model\.layers\.3\.mystery\.weight' in the MTP layer", {"keep_mtp": True}),
 ], ids=["missing-shard", "truncated", "index-vs-header", "missing-scale", "missing-mtp-scale",
@@ -494,7 +482,7 @@ def test_bad_input_is_named_and_nothing_is_written(tiny_dir, tmp_path, damage, m
 
 def test_a_damaged_mtp_layer_is_fine_when_it_is_dropped(tiny_dir, tmp_path):
     src = _copy(tiny_dir, tmp_path)
-    _rewrite(src, MTP_KEY, lambda t: t.pop(MTP_KEY + "_scale_inv"))
+    rewrite_shard(src, MTP_KEY, lambda t: t.pop(MTP_KEY + "_scale_inv"))
     _convert(src, tmp_path / "out", "bf16")
 
 

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 
 import pytest
 import torch
-from conftest import seeded
-from safetensors import safe_open
-from safetensors.torch import save_file
+from conftest import rewrite_shard, seeded
 
 import dsa_ascend
-from dsa_ascend.checkpoint import INDEX_FILE, CheckpointError
+from dsa_ascend.checkpoint import CheckpointError
 from dsa_ascend.config import PRESETS, ConfigError, ModelConfig
 from dsa_ascend.convert import convert_checkpoint
 from dsa_ascend.ops import Ops
@@ -103,16 +100,7 @@ def test_int8_checkpoint_loads_with_int8_linears(int8_dir):
 def _edit(src, tmp_path, key, fn) -> str:
     path = str(tmp_path / "ckpt")
     shutil.copytree(src, path)
-    index = json.load(open(os.path.join(path, INDEX_FILE)))
-    shard = os.path.join(path, index["weight_map"][key])
-    with safe_open(shard, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    fn(tensors)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    name = os.path.basename(shard)
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
-    index["weight_map"].update(dict.fromkeys(tensors, name))
-    json.dump(index, open(os.path.join(path, INDEX_FILE), "w"))
+    rewrite_shard(path, key, fn)
     return path
 
 
