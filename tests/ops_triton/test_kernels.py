@@ -154,15 +154,13 @@ def test_topk_rows_exact_sets_and_ties():
     got = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
     got8 = K.topk_rows(s.to(DEV), lens.to(DEV), k, byte_digits=True).cpu()
     assert torch.equal(got, got8)  # same deterministic output from both digit schedules
-    comp = K.topk.composite_topk(s.to(DEV), lens.to(DEV), k).cpu()  # the tie-exact fallback
-    policy = K.select_topk(s.to(DEV), lens.to(DEV), k).cpu()  # torch top-k + straddle check
+    scan = K.topk.scan_topk(s.to(DEV), lens.to(DEV), k).cpu()  # select_topk's few-rows path
     for r in range(n):
         want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
         assert sorted(got[r].tolist()) == sorted(want[0].tolist()), r
-        assert torch.equal(comp[r], want[0]), r  # same order too: score desc, position asc
-        assert sorted(policy[r].tolist()) == sorted(want[0].tolist()), r
-        valid = policy[r][policy[r] >= 0]  # valid entries first, ascending, then -1 padding
-        assert torch.equal(policy[r][:len(valid)], valid.sort().values), r
+        assert sorted(scan[r].tolist()) == sorted(want[0].tolist()), r
+        valid = scan[r][scan[r] >= 0]  # valid entries first, ascending, then -1 padding
+        assert torch.equal(scan[r][:len(valid)], valid.sort().values), r
 
 
 def test_topk_sweep():
@@ -175,13 +173,11 @@ def test_topk_sweep():
             s = s.round(decimals=1)  # ties
         lens = torch.tensor([length, max(1, length // 2)], dtype=torch.int32)
         got = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
-        comp = K.topk.composite_topk(s.to(DEV), lens.to(DEV), k).cpu()
-        policy = K.select_topk(s.to(DEV), lens.to(DEV), k).cpu()
+        scan = K.topk.scan_topk(s.to(DEV), lens.to(DEV), k).cpu()
         for r in range(2):
             want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
-            assert torch.equal(comp[r], want[0]), (i, length, k, r)
-            assert sorted(policy[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
+            assert sorted(scan[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
 
 
 def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8):
