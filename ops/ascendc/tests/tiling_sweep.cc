@@ -133,6 +133,11 @@ static void Mla(const SparseMlaShape& s, const PlatformSizes& p, long& cases) {
 
 int main() {
   long cases = 0;
+  uint32_t code = 99;  // the layout attribute parser the op_host files share
+  CHECK(dsa_tiling::LayoutCode("TND", false, code) && code == dsa_tiling::kLayoutTND, "TND");
+  CHECK(dsa_tiling::LayoutCode("PA_BSND", true, code) && code == dsa_tiling::kLayoutPABSND, "PA");
+  CHECK(!dsa_tiling::LayoutCode("PA_BSND", false, code) && !dsa_tiling::LayoutCode("NTD", true, code) &&
+        !dsa_tiling::LayoutCode(nullptr, true, code), "bad layouts refused");
   const uint32_t heads[] = {1, 2, 8, 16, 32, 64, 128};
   const uint32_t counts[] = {1, 16, 100, 512, 2048};
   for (const auto& p : kSkus) {

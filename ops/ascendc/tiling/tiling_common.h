@@ -3,6 +3,7 @@
 // platform_ascendc::PlatformAscendC (core counts, GetCoreMemSize); tests pass SKU values.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include "dsa_tiling_data.h"
 
 namespace dsa_tiling {
@@ -51,6 +52,15 @@ inline CoreSplit SplitByCost(const uint64_t* costPrefix, uint64_t n, uint32_t co
   }
   for (uint32_t c = used + 1; c <= kMaxCores; ++c) s.coreStart[c] = n;
   return s;
+}
+
+// A layout attribute ("BSND", "TND", or "PA_BSND" where paged keys are allowed) -> its code.
+inline bool LayoutCode(const char* s, bool allowPaged, uint32_t& code) {
+  if (s == nullptr) return false;
+  if (std::strcmp(s, "BSND") == 0) { code = kLayoutBSND; return true; }
+  if (std::strcmp(s, "TND") == 0) { code = kLayoutTND; return true; }
+  if (allowPaged && std::strcmp(s, "PA_BSND") == 0) { code = kLayoutPABSND; return true; }
+  return false;
 }
 
 }  // namespace dsa_tiling

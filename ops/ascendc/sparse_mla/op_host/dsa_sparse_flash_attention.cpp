@@ -31,13 +31,7 @@ enum AttrIndex : size_t {
 };
 constexpr int64_t kMaxInt64 = INT64_MAX;
 
-bool LayoutCode(const char* s, bool allowPaged, uint32_t& code) {
-  if (s == nullptr) return false;
-  if (std::strcmp(s, "BSND") == 0) { code = dsa_tiling::kLayoutBSND; return true; }
-  if (std::strcmp(s, "TND") == 0) { code = dsa_tiling::kLayoutTND; return true; }
-  if (allowPaged && std::strcmp(s, "PA_BSND") == 0) { code = dsa_tiling::kLayoutPABSND; return true; }
-  return false;
-}
+using dsa_tiling::LayoutCode;
 }  // namespace
 
 namespace optiling {
