@@ -28,6 +28,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--indexer-dtype", choices=["auto", "fp8", "bf16", "int8"], default="auto",
                    help="indexer q/k numerics (auto: the backend's preferred, fp8 on reference/cuda, "
                         "bf16 on npu)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="latent cache: the model dtype (auto) or the FP8 format of kv_fp8.py")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree under torchrun (default: the number of processes)")
     p.add_argument("--ep", type=int, default=None,
@@ -55,6 +57,7 @@ def _run_generate(model_dir: str, args, prompts: list[str]) -> int:
     model = dsa_ascend.load(model_dir, backend=args.backend, device=args.device,
                             dtype=DTYPES[args.dtype], max_seq_len=args.max_seq_len,
                             max_batch_size=args.max_batch_size, indexer_dtype=args.indexer_dtype,
+                            kv_cache_dtype=args.kv_cache_dtype,
                             tp=args.tp, ep=args.ep, debug_parallel=args.debug_parallel)
     t1 = time.perf_counter()
     results = dsa_ascend.generate(model, prompts, max_new_tokens=args.max_new_tokens,
