@@ -58,7 +58,7 @@ for op in lightning_indexer sparse_mla; do
   cp "$HERE/$op"/op_host/*.cpp "$PROJECT/op_host/"
   cp "$HERE/$op"/op_kernel/*.cpp "$PROJECT/op_kernel/"
 done
-cp "$HERE"/tiling/*.h "$PROJECT/op_host/"
+cp "$HERE"/tiling/*.h "$HERE"/common/op_host_common.h "$PROJECT/op_host/"
 cp "$HERE"/tiling/dsa_tiling_data.h "$HERE"/common/dsa_kernel_common.h "$PROJECT/op_kernel/"
 "$PYTHON" - "$PROJECT/CMakePresets.json" "$ALL_SOCS" <<'EOF'
 import json, sys

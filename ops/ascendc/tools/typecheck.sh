@@ -55,7 +55,7 @@ KERNEL_CMD=(g++ -std=c++17 -fsyntax-only -Wall -Wextra
   -I"$ASC_DEVKIT/impl/adv_api" -I"$ASC_DEVKIT/impl/utils" -I"$ASC_DEVKIT/impl/c_api")
 HOST_CMD=(g++ -std=c++17 -fsyntax-only -Wall -Wextra
   -I"$HERE/host_stubs" -I"$METADEF/inc/external" -I"$METADEF/inc/external/asc"
-  -I"$GE/inc/graph_metadef/external" -I"$METADEF/inc" -I"$ASC_DEVKIT/include/utils" -I"$ROOT/tiling")
+  -I"$GE/inc/graph_metadef/external" -I"$METADEF/inc" -I"$ASC_DEVKIT/include/utils" -I"$ROOT/tiling" -I"$ROOT/common")
 
 KERNELS=("$ROOT"/*/op_kernel/*.cpp)
 HOSTS=("$ROOT"/*/op_host/*.cpp)

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "register/op_def_registry.h"
-#include "tiling/platform/platform_ascendc.h"
+#include "op_host_common.h"
 #include "lightning_indexer_tiling.h"
 
 namespace {
@@ -134,16 +134,7 @@ static ge::graphStatus DsaLightningIndexerTiling(gert::TilingContext* context) {
   s.blockSize = problem.blockSize;
   s.dtypeBytes = quantized ? 1 : 2;
 
-  // Platform sizes: never hard-coded (NPU_NOTES): this SKU's core counts and buffer sizes.
-  auto platform = platform_ascendc::PlatformAscendC(context->GetPlatformInfo());
-  PlatformSizes p{};
-  p.aicCores = platform.GetCoreNumAic();
-  p.aivCores = platform.GetCoreNumAiv();
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::UB, p.ubBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L1, p.l1Bytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_A, p.l0aBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_B, p.l0bBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_C, p.l0cBytes);
+  const PlatformSizes p = dsa_host::ReadPlatformSizes(context->GetPlatformInfo());
 
   LightningIndexerTilingData* t = context->GetTilingData<LightningIndexerTilingData>();
   if (t == nullptr) return ge::GRAPH_FAILED;
@@ -157,10 +148,7 @@ static ge::graphStatus DsaLightningIndexerTiling(gert::TilingContext* context) {
   context->SetTilingKey(tilingKey);
   // Cross-core sync (SyncAll) needs every core co-resident: batch scheduling mode.
   context->SetScheduleMode(1);
-  size_t* workspace = context->GetWorkspaceSizes(1);
-  if (workspace == nullptr) return ge::GRAPH_FAILED;
-  workspace[0] = platform.GetLibApiWorkSpaceSize() + t->workspaceBytes;
-  return ge::GRAPH_SUCCESS;
+  return dsa_host::SetWorkspace(context, t->workspaceBytes) ? ge::GRAPH_SUCCESS : ge::GRAPH_FAILED;
 }
 
 }  // namespace optiling

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "register/op_def_registry.h"
-#include "tiling/platform/platform_ascendc.h"
+#include "op_host_common.h"
 #include "sparse_mla_tiling.h"
 
 namespace {
@@ -109,15 +109,7 @@ static ge::graphStatus DsaSparseFlashAttentionTiling(gert::TilingContext* contex
   else if (qType == ge::DT_FLOAT16) tilingKey = 1;
   else return ge::GRAPH_FAILED;
 
-  auto platform = platform_ascendc::PlatformAscendC(context->GetPlatformInfo());
-  PlatformSizes p{};
-  p.aicCores = platform.GetCoreNumAic();
-  p.aivCores = platform.GetCoreNumAiv();
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::UB, p.ubBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L1, p.l1Bytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_A, p.l0aBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_B, p.l0bBytes);
-  platform.GetCoreMemSize(platform_ascendc::CoreMemType::L0_C, p.l0cBytes);
+  const PlatformSizes p = dsa_host::ReadPlatformSizes(context->GetPlatformInfo());
 
   SparseMlaTilingData* t = context->GetTilingData<SparseMlaTilingData>();
   if (t == nullptr) return ge::GRAPH_FAILED;
@@ -132,10 +124,7 @@ static ge::graphStatus DsaSparseFlashAttentionTiling(gert::TilingContext* contex
   context->SetBlockDim(t->split.usedCores);
   context->SetTilingKey(tilingKey);
   context->SetScheduleMode(1);  // SyncAll for split index lists: all cores co-resident
-  size_t* workspace = context->GetWorkspaceSizes(1);
-  if (workspace == nullptr) return ge::GRAPH_FAILED;
-  workspace[0] = platform.GetLibApiWorkSpaceSize() + t->workspaceBytes;
-  return ge::GRAPH_SUCCESS;
+  return dsa_host::SetWorkspace(context, t->workspaceBytes) ? ge::GRAPH_SUCCESS : ge::GRAPH_FAILED;
 }
 
 }  // namespace optiling
