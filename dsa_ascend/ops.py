@@ -31,6 +31,7 @@ from .quant import FP8_DTYPE
 OP_NAMES = (
     "hadamard_rotate",
     "quantize_fp8",
+    "quantize_int8",
     "fp8_linear",
     "int8_linear",
     "indexer_topk",
@@ -189,6 +190,25 @@ def _(x, block_size, ue8m0, backend):
             x.new_empty((*x.shape[:-1], x.shape[-1] // block_size), dtype=torch.float32))
 
 
+def _check_quantize_int8(x: Tensor) -> None:
+    _check(x.dim() >= 1 and x.is_floating_point() and x.dtype != FP8_DTYPE,
+           f"quantize_int8: x must be a float tensor of rank >= 1, got {x.dtype} {tuple(x.shape)}")
+
+
+@custom_op("dsa::quantize_int8", mutates_args=())
+def quantize_int8(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization of each row of the last dim: scale = amax / 127,
+    q = round_half_even(x / scale). Returns (q int8, shape of x; scale float32 x.shape[:-1])."""
+    _check_quantize_int8(x)
+    return _impl(backend, "quantize_int8")(x)
+
+
+@quantize_int8.register_fake
+def _(x, backend):
+    _check_quantize_int8(x)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 @custom_op("dsa::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool, ue8m0: bool,
                backend: str) -> Tensor:
@@ -317,6 +337,9 @@ class Ops:
     def quantize_fp8(self, x: Tensor, block_size: int = 128,
                      ue8m0: bool = False) -> tuple[Tensor, Tensor]:
         return torch.ops.dsa.quantize_fp8(x, block_size, ue8m0, self.backend)
+
+    def quantize_int8(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.dsa.quantize_int8(x, self.backend)
 
     def fp8_linear(self, x: Tensor, weight: Tensor, weight_scale: Tensor, act_quant: bool,
                    ue8m0: bool) -> Tensor:

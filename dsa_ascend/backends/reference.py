@@ -166,6 +166,7 @@ def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
 IMPLS = {
     "hadamard_rotate": hadamard_rotate,
     "quantize_fp8": quantize_fp8,
+    "quantize_int8": quantize_int8_rows,
     "fp8_linear": fp8_linear,
     "int8_linear": int8_linear,
     "indexer_topk": indexer_topk,

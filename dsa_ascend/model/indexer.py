@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import PagedCache, Step
-from ..quant import quantize_int8_rows
 from .layers import Context, LayerNorm, Linear
 from .rope import apply_rope_half, apply_rope_interleaved
 
@@ -52,8 +51,8 @@ class Indexer(nn.Module):
         elif self.ctx.run.indexer_dtype == "int8":
             # Symmetric int8 after the same rotation (it spreads outliers over the 128
             # channels): q per (token, head), k per token, scale = amax / 127.
-            q, q_scale = quantize_int8_rows(ops.hadamard_rotate(q))
-            k, k_scale = quantize_int8_rows(ops.hadamard_rotate(k))
+            q, q_scale = ops.quantize_int8(ops.hadamard_rotate(q))
+            k, k_scale = ops.quantize_int8(ops.hadamard_rotate(k))
             weights = weights * q_scale * d ** -0.5
             cache.store_index(self.layer_id, step, k, k_scale)
         else:

@@ -494,6 +494,7 @@ def _opcheck_cases(device):
     cases = {
         "hadamard_rotate": (torch.randn(3, 128, generator=g),),
         "quantize_fp8": (torch.randn(3, 256, generator=g), 128, True),
+        "quantize_int8": (torch.randn(3, 2, 128, generator=g),),
         "fp8_linear": (torch.randn(3, 256, generator=g), w8, w_scale, True, True),
         "indexer_topk": (q8, torch.randn(5, 2, generator=g), k8, ks.squeeze(-1), table, cu, lens, 4),
         "indexer_topk_float": (qf, torch.randn(5, 2, generator=g), torch.randn(4, 16, 128, generator=g),
@@ -518,7 +519,8 @@ FP8_INPUT_CASES = {"fp8_linear", "indexer_topk"}
 OTHER_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("case", ["hadamard_rotate", "quantize_fp8", "fp8_linear", "indexer_topk",
+@pytest.mark.parametrize("case", ["hadamard_rotate", "quantize_fp8", "quantize_int8", "fp8_linear",
+                                  "indexer_topk",
                                   "indexer_topk_float", "indexer_topk_int8", "sparse_mla_prefill",
                                   "sparse_mla_decode"])
 def test_opcheck(backend, device, case):
@@ -526,7 +528,8 @@ def test_opcheck(backend, device, case):
         require_indexer_dtype(backend, {"indexer_topk": "fp8", "indexer_topk_float": "bf16",
                                         "indexer_topk_int8": "int8"}[case])
     args = _opcheck_cases(device)[case] + (backend,)
-    op = getattr(torch.ops.dsa, case.removesuffix("_float").removesuffix("_int8")).default
+    name = case if hasattr(torch.ops.dsa, case) else case.removesuffix("_float").removesuffix("_int8")
+    op = getattr(torch.ops.dsa, name).default
     if case not in FP8_INPUT_CASES:
         torch.library.opcheck(op, args)
         return
