@@ -116,8 +116,10 @@ INDEXER_QUANT_DTYPES = (FP8_DTYPE, torch.int8)
 
 def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                    block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                   topk: int) -> None:
+                   topk: int, max_seqlen_k: Optional[int] = None) -> None:
     _check(q.dim() == 3, f"indexer_topk: q must be [T, H, D], got {tuple(q.shape)}")
+    _check(max_seqlen_k is None or max_seqlen_k >= 1,
+           f"indexer_topk: max_seqlen_k must be None or positive, got {max_seqlen_k}")
     t, h, d = q.shape
     _check(weights.shape == (t, h) and weights.dtype == torch.float32,
            f"indexer_topk: weights must be float32 [{t}, {h}], got {weights.dtype} "
@@ -249,7 +251,7 @@ def _(x, weight, weight_scale, backend):
 @custom_op("dsa::indexer_topk", mutates_args=())
 def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                  block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor, topk: int,
-                 backend: str) -> tuple[Tensor, Tensor]:
+                 backend: str, max_seqlen_k: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Lightning indexer scores + causal top-k (DSA_SPEC §5).
 
     I(t, s) = k_scale(s) * sum_h weights(t, h) * ReLU(q(t, h) . k(s)) for s <= pos(t).
@@ -258,15 +260,21 @@ def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[
     k_scale [blocks, block_size] float32 or None. int8 dot products of D <= 1040 are exact in
     float32 (127^2 D < 2^24), as in an int8 x int8 -> int32 matrix unit. Returns (indices int32
     [T, topk], scores float32 [T, topk], -inf where padded).
+    ``max_seqlen_k``: max(seqlens_k) as the host already knows it (the step's metadata), so that
+    a backend can size its launch without reading seqlens_k back (a host sync, which also rules
+    out CUDA-graph capture); None = the backend reads it. It must not be below max(seqlens_k).
     """
-    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk)
+    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
+                   max_seqlen_k)
     return _impl(backend, "indexer_topk")(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
-                                          seqlens_k, topk)
+                                          seqlens_k, topk, max_seqlen_k=max_seqlen_k)
 
 
 @indexer_topk.register_fake
-def _(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk, backend):
-    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk)
+def _(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk, backend,
+      max_seqlen_k=None):
+    _check_indexer(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
+                   max_seqlen_k)
     t = q.shape[0]
     return (q.new_empty((t, topk), dtype=torch.int32), q.new_empty((t, topk), dtype=torch.float32))
 
@@ -349,9 +357,9 @@ class Ops:
         return torch.ops.dsa.int8_linear(x, weight, weight_scale, self.backend)
 
     def indexer_topk(self, q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k,
-                     topk: int) -> tuple[Tensor, Tensor]:
+                     topk: int, max_seqlen_k: Optional[int] = None) -> tuple[Tensor, Tensor]:
         return torch.ops.dsa.indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
-                                          seqlens_k, topk, self.backend)
+                                          seqlens_k, topk, self.backend, max_seqlen_k)
 
     def sparse_mla_prefill(self, q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k,
                            scale: float, d_v: int) -> tuple[Tensor, Tensor]:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 
-def token_rows(cu_seqlens_q: Tensor) -> Tensor:
-    """[T] int64: which sequence each packed query token belongs to."""
+def token_rows(cu_seqlens_q: Tensor, total: Optional[int] = None) -> Tensor:
+    """[T] int64: which sequence each packed query token belongs to. Pass ``total`` (T, known
+    from a shape) and no host sync happens: the output size need not be read back."""
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    return torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens)
+    return torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens,
+                                   output_size=total)
 
 
-def query_positions(cu_seqlens_q: Tensor, seqlens_k: Tensor) -> Tensor:
+def query_positions(cu_seqlens_q: Tensor, seqlens_k: Tensor, total: Optional[int] = None) -> Tensor:
     """[T] int64 absolute position of each packed query token (its own key is the last visible)."""
-    rows = token_rows(cu_seqlens_q)
+    rows = token_rows(cu_seqlens_q, total)
     t = torch.arange(rows.numel(), device=rows.device)
     start = (seqlens_k.long() - (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
     return start[rows] + (t - cu_seqlens_q[:-1].long()[rows])

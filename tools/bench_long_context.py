@@ -13,7 +13,8 @@ Dense prefill = the same projections + the MHA form (per-head k_nope / v expande
 latent) through torch SDPA (flash / memory-efficient kernels), causal. Dense decode = the same
 projections + absorbed MLA over every cached entry with our Triton MLA kernel (indices = all
 positions, split over the keys): its bandwidth is reported so that the baseline's strength is
-visible. Both decode sides read the same bf16 latent cache.
+visible. Both decode sides read the same bf16 latent cache. Decode steps are timed as CUDA-graph
+replays (as a serving engine runs decode; the eager time is reported beside them), prefill eagerly.
 """
 
 from __future__ import annotations
@@ -137,22 +138,47 @@ def fill_cache(cache, batch, ctx_len):
     lc.index_scale.uniform_(0.5, 1.5)
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream: compilation, workspaces);
+    returns the replay. What a serving engine does for decode: the step's metadata lives in
+    static device tensors and one replay launches the whole step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @torch.inference_mode()
-def dsa_decode(layer, cache, cos, sin, batch, ctx_len):
+def dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     x = torch.randn(batch, layer.ctx.config.dim, device=DEV, dtype=BF16)
     fill_cache(cache, batch, ctx_len - 1)
     rows = list(range(batch))
 
-    def run():
+    def prepare():
         for r in rows:  # back to ctx_len - 1 cached tokens (the blocks stay allocated)
             cache.lengths[r] = ctx_len - 1
-        step = cache.prepare(rows, [ctx_len - 1] * batch, [1] * batch)
+        return cache.prepare(rows, [ctx_len - 1] * batch, [1] * batch)
+
+    if graph:  # one step's metadata, captured once; each replay rewrites the same new entry
+        step = prepare()
+        cs, sn = cos[step.positions], sin[step.positions]
+        with torch.inference_mode():
+            return graphed(lambda: layer(x, step, cache, cs, sn))
+
+    def run():
+        step = prepare()
         layer(x, step, cache, cos[step.positions], sin[step.positions])
     return run
 
 
 @torch.inference_mode()
-def dense_decode(layer, cache, cos, sin, batch, ctx_len):
+def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     """Same projections; absorbed MLA over all ctx_len cached entries (Triton kernel, split-K)."""
     K = kernels()
     c = layer.ctx.config
@@ -186,7 +212,11 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len):
     q_only = torch.randn(batch, h, 576, device=DEV, dtype=BF16)
     ms_attn = do_bench(lambda: attention(q_only), warmup=10, rep=200, return_mode="median")
     nbytes = batch * ctx_len * kv.shape[-1] * kv.element_size()
-    return run, ms_attn, nbytes
+    flops = 2 * batch * h * ctx_len * (576 + 512)
+    if graph:
+        with torch.inference_mode():
+            run = graphed(run)
+    return run, ms_attn, nbytes, flops
 
 
 def main():
@@ -217,12 +247,19 @@ def main():
             except torch.OutOfMemoryError:
                 row["dense_prefill_ms"] = None
             torch.cuda.empty_cache()
-        row["dsa_decode_ms"], row["dsa_decode_peak_bytes"] = timed(
+        # decode: timed as CUDA-graph replays (peak memory from the eager run: a graph's
+        # memory is allocated at capture)
+        row["dsa_decode_eager_ms"], row["dsa_decode_peak_bytes"] = timed(
             dsa_decode(layer, cache, cos, sin, args.batch, L))
-        run, ms_attn, nbytes = dense_decode(layer, cache, cos, sin, args.batch, L)
-        row["dense_decode_ms"], row["dense_decode_peak_bytes"] = timed(run)
+        row["dsa_decode_ms"], _ = timed(dsa_decode(layer, cache, cos, sin, args.batch, L, graph=True))
+        run, _, _, _ = dense_decode(layer, cache, cos, sin, args.batch, L)
+        row["dense_decode_eager_ms"], row["dense_decode_peak_bytes"] = timed(run)
+        run, ms_attn, nbytes, flops = dense_decode(layer, cache, cos, sin, args.batch, L,
+                                                   graph=True)
+        row["dense_decode_ms"], _ = timed(run)
         row["dense_decode_attention_ms"] = ms_attn
         row["dense_decode_attention_gbps"] = nbytes / ms_attn / 1e6
+        row["dense_decode_attention_tflops"] = flops / ms_attn / 1e9
         row["wall_s"] = time.time() - t0
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -236,7 +273,8 @@ def main():
         dp, sp = r.get("dense_prefill_ms"), r.get("dsa_prefill_ms")
         print(f"{r['context']:>8} {sp or 0:9.2f} {dp or 0:9.2f} {(dp or 0) / (sp or 1):5.2f} "
               f"{r['dsa_decode_ms']:8.3f} {r['dense_decode_ms']:9.3f} "
-              f"{r['dense_decode_ms'] / r['dsa_decode_ms']:5.2f} {r['dense_decode_attention_gbps']:15.0f}")
+              f"{r['dense_decode_ms'] / r['dsa_decode_ms']:5.2f} {r['dense_decode_attention_gbps']:15.0f}"
+              f"  (DSA decode without a graph: {r['dsa_decode_eager_ms']:.3f} ms)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)

@@ -1,7 +1,7 @@
 """The ``cuda`` backend: Triton kernels from ``ops/triton`` (installed as
-``dsa_ascend.ops_triton``) for the indexer + top-k and sparse MLA prefill/decode; the remaining
-ops (Hadamard rotation, FP8 activation quantization, FP8 linears) run the reference backend's
-torch code on the GPU.
+``dsa_ascend.ops_triton``) for the indexer + top-k, sparse MLA prefill/decode, the Hadamard
+rotation and FP8 block quantization (bit-identical to the reference's); the remaining ops (FP8
+and int8 linears, int8 quantization) run the reference backend's torch code on the GPU.
 """
 
 from __future__ import annotations
@@ -44,13 +44,26 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     return None
 
 
-def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk):
+def hadamard_rotate(x):
+    if x.is_cuda and kernels().quant.supports(x.shape[-1]):
+        return kernels().quant.hadamard_rotate(x)
+    return reference.hadamard_rotate(x)
+
+
+def quantize_fp8(x, block_size, ue8m0):
+    if x.is_cuda and kernels().quant.supports(block_size):
+        return kernels().quant.quantize_fp8(x, block_size, ue8m0)
+    return reference.quantize_fp8(x, block_size, ue8m0)
+
+
+def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
+                 max_seqlen_k=None):
     return kernels().indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q,
-                                  seqlens_k, topk)
+                                  seqlens_k, topk, max_seqlen_k)
 
 
 def sparse_mla_prefill(q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k, scale, d_v):
-    rows = paging.token_rows(cu_seqlens_q).to(torch.int32)
+    rows = paging.token_rows(cu_seqlens_q, q.shape[0]).to(torch.int32)  # no host sync
     return kernels().sparse_mla_fwd(q, kv_cache, indices, block_table, rows, scale, d_v)
 
 
@@ -64,6 +77,8 @@ def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
 
 IMPLS = {
     **reference.IMPLS,
+    "hadamard_rotate": hadamard_rotate,
+    "quantize_fp8": quantize_fp8,
     "indexer_topk": indexer_topk,
     "sparse_mla_prefill": sparse_mla_prefill,
     "sparse_mla_decode": sparse_mla_decode,

@@ -189,7 +189,7 @@ def _cumulative_ends(cu_seqlens_q: Tensor) -> Tensor:
 
 def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                  block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                 topk: int) -> tuple[Tensor, Tensor]:
+                 topk: int, max_seqlen_k: Optional[int] = None) -> tuple[Tensor, Tensor]:
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
         raise NpuKernelsUnavailable(
             f"npu backend: the lightning indexer operators take bf16/fp16 or int8 q and k, not "

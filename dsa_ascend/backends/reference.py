@@ -96,7 +96,7 @@ def _sequence_keys(cache: Tensor, block_table_row: Tensor, length: int) -> Tenso
 
 def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[Tensor],
                  block_table: Tensor, cu_seqlens_q: Tensor, seqlens_k: Tensor,
-                 topk: int) -> tuple[Tensor, Tensor]:
+                 topk: int, max_seqlen_k: Optional[int] = None) -> tuple[Tensor, Tensor]:
     t, h, _ = q.shape
     indices = torch.full((t, topk), -1, dtype=torch.int32, device=q.device)
     values = torch.full((t, topk), float("-inf"), dtype=torch.float32, device=q.device)

@@ -61,7 +61,8 @@ class Indexer(nn.Module):
         layer = cache.layers[self.layer_id]
         topk = min(self.ctx.config.index_topk, step.max_seqlen_k)
         indices, _ = ops.indexer_topk(q, weights, layer.index_k, layer.index_scale,
-                                      step.block_table, step.cu_seqlens_q, step.seqlens_k, topk)
+                                      step.block_table, step.cu_seqlens_q, step.seqlens_k, topk,
+                                      step.max_seqlen_k)
         # Replicated on every rank, so the same by construction; debug mode verifies the sets.
         self.ctx.parallel.check_replicated(indices, f"layer {self.layer_id}: indexer top-k",
                                            as_set=True)

@@ -15,6 +15,7 @@ import torch
 
 import triton
 import triton.language as tl
+from dsa_ascend import paging
 
 from .topk import select_topk
 
@@ -96,35 +97,50 @@ def _programs(cu: list[int], lens: list[int], t0: int, t1: int, block_m: int, de
 
 
 def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
-                 block_m: int | None = None, block_n: int | None = None,
-                 max_chunk_elements: int = 1 << 26):
+                 max_seqlen_k: int | None = None, block_m: int | None = None,
+                 block_n: int | None = None, max_chunk_elements: int = 1 << 26):
     """The ``dsa.indexer_topk`` op (see dsa_ascend/ops.py): indices int32 [T, topk] with -1
-    padding (valid entries first, ascending positions) and their float32 scores."""
+    padding (valid entries first, ascending positions) and their float32 scores. With
+    ``max_seqlen_k`` (host metadata) and one token per program, the launch is planned on the
+    device: no host sync, so a decode step can be captured in a CUDA graph."""
     t, h, d = q.shape
     device = q.device
     indices = torch.full((t, topk), -1, dtype=torch.int32, device=device)
     values = torch.full((t, topk), float("-inf"), dtype=torch.float32, device=device)
     if t == 0:
         return indices, values
-    cu, lens = cu_seqlens_q.tolist(), seqlens_k.tolist()  # one sync: the launch grid needs them
     ieee = q.dtype == torch.float32
     if block_m is None:  # tl.dot needs M = block_m * h >= 16; 64 heads x 1 token was fastest
         block_m = max(1, (16 if ieee else 64) // h)
     if block_n is None:
         block_n = 32 if ieee else 128
+    if max_seqlen_k is not None and block_m == 1:
+        # (row, t, t + 1, position) per token, from device tensors; the output size is T
+        rows = paging.token_rows(cu_seqlens_q, t)
+        pos = paging.query_positions(cu_seqlens_q, seqlens_k, t)
+        tok = torch.arange(t, device=device)
+        all_progs = torch.stack([rows, tok, tok + 1, pos], 1).to(torch.int32)
+        max_len = max_seqlen_k
+
+        def programs(t0, t1):
+            return all_progs[t0:t1]
+    else:
+        cu, lens = cu_seqlens_q.tolist(), seqlens_k.tolist()  # one sync: the grid needs them
+        pos = _positions(cu, lens, device)
+        max_len = max(lens)
+
+        def programs(t0, t1):
+            return _programs(cu, lens, t0, t1, block_m, device)
     q = q.contiguous()
     weights = weights.contiguous()
     kc = k_cache.reshape(-1, d)
     ks = k_scale.reshape(-1) if k_scale is not None else None
-    max_len = max(lens)
     width = triton.cdiv(max_len, block_n) * block_n
     chunk = max(1, max_chunk_elements // width)
-    pos = _positions(cu, lens, device)
     for t0 in range(0, t, chunk):
         t1 = min(t0 + chunk, t)
-        progs = _programs(cu, lens, t0, t1, block_m, device)
-        scores = indexer_logits(q, weights, kc, ks, block_table,
-                                progs, t0, t1, width, k_cache.shape[1], block_m, block_n)
+        scores = indexer_logits(q, weights, kc, ks, block_table, programs(t0, t1), t0, t1, width,
+                                k_cache.shape[1], block_m, block_n)
         row_len = (pos[t0:t1] + 1).to(torch.int32)
         idx = select_topk(scores, row_len, topk)
         indices[t0:t1] = idx

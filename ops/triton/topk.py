@@ -1,12 +1,14 @@
 """Top-k selection per row of a float32 score matrix: radix select on the float bits.
 
-One program per row. Scores map to order-preserving uint32 keys; four histogram passes over the
-row (8-bit digits, most significant first; 11/11/10-bit digits measured 4.8x slower) pin down
-the exact k-th largest key T and how
-many entries equal to T are still wanted; a final pass writes the positions of keys > T and then
-the lowest positions of keys == T (deterministic ties: lower position wins), in ascending
-position order. -inf scores (masked keys) come out as -1. Entries past the row's own length are
-ignored.
+Scores map to order-preserving uint32 keys; four histogram passes (8-bit digits, most
+significant first; 11/11/10-bit digits measured 4.8x slower) pin down the exact k-th largest key
+T and how many entries equal to T are still wanted; a final pass writes the positions of keys > T
+(ascending) and then the lowest positions of keys == T (deterministic ties: lower position wins).
+-inf scores (masked keys) come out as -1. Entries past the row's own length are ignored.
+
+Two schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all passes
+in one launch: for many rows) and ``topk_multi`` (each row split over many programs, one launch
+per pass: for fewer rows than SMs, e.g. decode). ``select_topk`` picks between them.
 """
 
 from __future__ import annotations
@@ -88,38 +90,147 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
         done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
+@triton.jit
+def _choose_digit(HIST, remaining, NB: tl.constexpr):
+    """From a finished histogram of one digit: the digit holding the remaining-th largest key,
+    and how many keys are still wanted inside it."""
+    bins = tl.arange(0, NB)
+    hist = tl.load(HIST + bins)
+    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    chosen = tl.max(tl.where(suffix >= remaining, bins, -1), 0)
+    above = tl.sum(tl.where(bins > chosen, hist, 0), 0)
+    return chosen, remaining - above
+
+
+@triton.jit
+def _prefix_after(HIST, r, n_rows, kk, PASSES: tl.constexpr):
+    """Prefix (and its mask) of the k-th largest key pinned by the first PASSES byte digits, and
+    the count still wanted among the keys that match it."""
+    prefix = tl.zeros([], tl.uint32)
+    mask = tl.zeros([], tl.uint32)
+    remaining = kk
+    for p in tl.static_range(PASSES):
+        chosen, remaining = _choose_digit(HIST + (p * n_rows + r) * 256, remaining, 256)
+        prefix = prefix | (chosen.to(tl.uint32) << (24 - 8 * p))
+        mask = mask | (255 << (24 - 8 * p))
+    return prefix, mask, remaining
+
+
+@triton.jit
+def _mc_hist_kernel(S, LEN, HIST, stride_s, n_rows, k, PASS: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass PASS of the multi-program radix select: program (r, c) adds the byte-digit histogram
+    of chunk c of row r (keys matching the prefix pinned so far) into HIST[PASS, r]."""
+    r = tl.program_id(0)
+    start = tl.program_id(1) * CHUNK
+    row_len = tl.load(LEN + r)
+    if start >= row_len:
+        return
+    kk = tl.minimum(k, row_len)
+    prefix, pmask, remaining = _prefix_after(HIST, r, n_rows, kk, PASS)
+    offs = start + tl.arange(0, CHUNK)
+    inb = offs < row_len
+    key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
+    match = inb & ((key & pmask) == prefix)
+    digit = ((key >> (24 - 8 * PASS)) & 255).to(tl.int32)
+    hist = tl.histogram(tl.where(match, digit, 256), 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(HIST + (PASS * n_rows + r) * 256 + bins, hist, mask=(bins < 256) & (hist > 0),
+                  sem="relaxed")
+
+
+@triton.jit
+def _mc_count_kernel(S, LEN, HIST, COUNTS, stride_s, n_rows, k, n_chunks, CHUNK: tl.constexpr):
+    """COUNTS[r, c] = (keys > T, keys == T) in chunk c of row r, T = the row's k-th largest key."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    start = c * CHUNK
+    row_len = tl.load(LEN + r)
+    kk = tl.minimum(k, row_len)
+    thresh, _, _ = _prefix_after(HIST, r, n_rows, kk, 4)
+    offs = start + tl.arange(0, CHUNK)
+    inb = offs < row_len
+    key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
+    base = COUNTS + (r * n_chunks + c) * 2
+    tl.store(base, tl.sum((inb & (key > thresh)).to(tl.int32), 0))
+    tl.store(base + 1, tl.sum((inb & (key == thresh)).to(tl.int32), 0))
+
+
+@triton.jit
+def _mc_write_kernel(S, LEN, HIST, COUNTS, OUT, stride_s, stride_o, n_rows, k, n_chunks,
+                     CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr):
+    """Chunk c of row r writes its keys > T, then its share of the keys == T that the tie rule
+    keeps (lowest positions first), at offsets given by the counts of the chunks before it; and
+    its share of the -1 padding after the row's kk entries."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    row_len = tl.load(LEN + r)
+    kk = tl.minimum(k, row_len)
+    out = OUT + r.to(tl.int64) * stride_o
+    pad = c * PAD + tl.arange(0, PAD)
+    tl.store(out + pad, tl.full([PAD], -1, tl.int32), mask=(pad >= kk) & (pad < k))
+    start = c * CHUNK
+    if start >= row_len:
+        return
+    thresh, _, remaining = _prefix_after(HIST, r, n_rows, kk, 4)
+    n_gt = kk - remaining
+    prev = tl.arange(0, MAX_CHUNKS)
+    counts = COUNTS + (r * n_chunks + prev) * 2
+    gt_before = tl.sum(tl.load(counts, mask=prev < c, other=0), 0)
+    eq_before = tl.sum(tl.load(counts + 1, mask=prev < c, other=0), 0)
+    offs = start + tl.arange(0, CHUNK)
+    inb = offs < row_len
+    x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf"))
+    key = _sortable(x)
+    gt = inb & (key > thresh)
+    eq = inb & (key == thresh)
+    pos = tl.where(x == float("-inf"), -1, offs)
+    tl.store(out + gt_before + tl.cumsum(gt.to(tl.int32), 0) - 1, pos, mask=gt)
+    c_eq = eq_before + tl.cumsum(eq.to(tl.int32), 0)
+    tl.store(out + n_gt + c_eq - 1, pos, mask=eq & (c_eq <= remaining))
+
+
+def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int,
+               chunk: int | None = None) -> torch.Tensor:
+    """``topk_rows``'s contract, each row split over many programs: four byte-digit histogram
+    passes (per-chunk histograms added atomically into one per row; integer adds, so the
+    result does not depend on their order), a count pass and an ordered write pass. Six reads of
+    the scores, but every SM busy at any row count."""
+    n, length = scores.shape
+    out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
+    if not n or not k:
+        return out.fill_(-1)
+    if chunk is None:  # about four programs per SM, chunks of 1K..8K scores
+        sms = (torch.cuda.get_device_properties(scores.device).multi_processor_count
+               if scores.is_cuda else 4)
+        chunk = triton.next_power_of_2(max(1, -(-n * length // (4 * sms))))
+        chunk = min(8192, max(1024, chunk))
+    n_chunks = max(1, triton.cdiv(length, chunk))
+    pad = triton.next_power_of_2(triton.cdiv(k, n_chunks))
+    hist = torch.zeros((4, n, 256), dtype=torch.int32, device=scores.device)
+    counts = torch.empty((n, n_chunks, 2), dtype=torch.int32, device=scores.device)
+    grid = (n, n_chunks)
+    warps = 8 if chunk >= 4096 else 4
+    for p in range(4):
+        _mc_hist_kernel[grid](scores, lengths, hist, scores.stride(0), n, k, PASS=p, CHUNK=chunk,
+                              num_warps=warps)
+    _mc_count_kernel[grid](scores, lengths, hist, counts, scores.stride(0), n, k, n_chunks,
+                           CHUNK=chunk, num_warps=warps)
+    _mc_write_kernel[grid](scores, lengths, hist, counts, out, scores.stride(0), out.stride(0), n,
+                           k, n_chunks, CHUNK=chunk, MAX_CHUNKS=triton.next_power_of_2(n_chunks),
+                           PAD=pad, num_warps=warps)
+    return out
+
+
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k positions per row (ascending positions, -1 padded), with the policy measured on
-    H100 (BENCHMARKS.md): the radix kernel (one program per row) from 16 rows up (64 x 32K:
-    0.18 ms against 0.50 ms for ``scan_topk``), ``scan_topk`` below, where one program per row
-    leaves the GPU idle (1 x 128K: 0.47 ms against 0.68 ms)."""
-    if scores.shape[0] >= 16:
-        return topk_rows(scores, lengths, k)
-    return scan_topk(scores, lengths, k)
-
-
-def scan_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
-    """``topk_rows``'s contract in torch ops: torch's multi-block top-k finds each row's k-th
-    value T, then two scans apply the tie rule exactly with no host sync: keep every score > T
-    and the lowest positions of those == T (FP8 indexer scores tie often), and compact the kept
-    positions in order."""
-    n, length = scores.shape
-    kk = min(k, length)
-    pos = torch.arange(length, device=scores.device)
-    s = scores.masked_fill(pos[None] >= lengths[:, None], float("-inf")) + 0.0  # -0.0 -> +0.0
-    kth = torch.topk(s, kk, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
-    gt = s > kth
-    eq = s == kth
-    need = kk - gt.sum(-1, keepdim=True, dtype=torch.int32)
-    take = gt | (eq & (eq.cumsum(-1, dtype=torch.int32) <= need))  # exactly kk per row
-    take &= ~torch.isneginf(s)  # -inf (masked) entries become the -1 padding after the rest
-    slot = torch.where(take, take.cumsum(-1, dtype=torch.int32) - 1, kk).long()
-    out = torch.full((n, kk + 1), -1, dtype=torch.int32, device=scores.device)
-    out.scatter_(1, slot, pos[None].expand(n, -1).to(torch.int32))
-    out = out[:, :kk]  # column kk collected the dropped entries
-    if kk < k:
-        out = torch.cat([out, out.new_full((n, k - kk), -1)], dim=1)
-    return out.contiguous()
+    H100 (BENCHMARKS.md): ``topk_multi`` while there are fewer rows than SMs (one program per
+    row would leave SMs idle; 1 x 128K in 0.034 ms as a graph replay against 0.69 ms), the
+    one-program-per-row ``topk_rows`` from there on (1024 x 32K: both ~1.3 ms, fewer launches)."""
+    sms = (torch.cuda.get_device_properties(scores.device).multi_processor_count
+           if scores.is_cuda else 4)
+    if scores.shape[0] < sms:
+        return topk_multi(scores, lengths, k)
+    return topk_rows(scores, lengths, k)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

@@ -309,8 +309,14 @@ def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode)
     k_scale = base_scale.squeeze(-1)[pattern] if mode != "float" else None
     cu = _cu(q_lens)
     dev = lambda x: None if x is None else x.to(device)  # noqa: E731
-    idx, _ = Ops(backend).indexer_topk(dev(q), dev(w), dev(k), dev(k_scale), dev(table), dev(cu),
-                                         dev(torch.tensor(lens, dtype=torch.int32)), topk)
+    args = (dev(q), dev(w), dev(k), dev(k_scale), dev(table), dev(cu),
+            dev(torch.tensor(lens, dtype=torch.int32)), topk)
+    idx, _ = Ops(backend).indexer_topk(*args)
+    # the host's max_seqlen_k (lets a backend plan its launch without a sync): same result
+    planned, _ = Ops(backend).indexer_topk(*args, max_seqlen_k=max(lens))
+    assert torch.equal(planned.cpu(), idx.cpu())
+    with pytest.raises(ValueError, match="indexer_topk: max_seqlen_k must be None or positive"):
+        Ops(backend).indexer_topk(*args, max_seqlen_k=0)
     idx = idx.cpu()
     tok = 0
     for row, (length, n) in enumerate(zip(lens, q_lens)):
