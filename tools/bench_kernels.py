@@ -26,7 +26,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from dsa_ascend import kv_fp8  # noqa: E402
 from dsa_ascend.backends import reference as ref  # noqa: E402
-from dsa_ascend.backends.cuda import kernels  # noqa: E402
+from dsa_ascend.backends.cuda import graph_replay, kernels  # noqa: E402
 from dsa_ascend.quant import quantize_fp8_blocks  # noqa: E402
 
 K = kernels()
@@ -37,20 +37,6 @@ def bench(fn, rep=200):
     fn()
     torch.cuda.synchronize()
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
-
-
-def graph_of(fn):
-    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay: the
-    time of a multi-launch op without the host's launch gaps, as a decode step would run."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def ceilings(rows):
@@ -163,7 +149,7 @@ def topk(rows, k=2048):
         rows.append(dict(name=f"{name}: radix, one program per row", ms=ms, gbps=gb / ms))
         ms = bench(lambda: K.topk.topk_multi(s, lens, k))
         rows.append(dict(name=f"{name}: radix, multi-program (6 launches)", ms=ms, gbps=gb / ms))
-        ms = bench(graph_of(lambda: K.topk.topk_multi(s, lens, k)))
+        ms = bench(graph_replay(lambda: K.topk.topk_multi(s, lens, k)))
         rows.append(dict(name=f"{name}: radix, multi-program, CUDA graph", ms=ms, gbps=gb / ms))
         ms = bench(lambda: K.select_topk(s, lens, k))
         rows.append(dict(name=f"{name}: select_topk policy", ms=ms, gbps=gb / ms))
@@ -220,7 +206,7 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}", ms=ms, gbps=nbytes / ms / 1e6,
                      pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # sync-free (max_seqlen_k from the host's metadata), captured in a CUDA graph
-    ms = bench(graph_of(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
+    ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, CUDA graph", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # where the time goes: the logits kernel alone, and the top-k alone on its output

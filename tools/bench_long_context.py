@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from triton.testing import do_bench  # noqa: E402
 
-from dsa_ascend.backends.cuda import kernels  # noqa: E402
+from dsa_ascend.backends.cuda import graph_replay, kernels  # noqa: E402
 from dsa_ascend.cache import PagedCache  # noqa: E402
 from dsa_ascend.config import RunConfig, preset  # noqa: E402
 from dsa_ascend.model.layers import Context  # noqa: E402
@@ -138,22 +138,6 @@ def fill_cache(cache, batch, ctx_len):
     lc.index_scale.uniform_(0.5, 1.5)
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream: compilation, workspaces);
-    returns the replay. What a serving engine does for decode: the step's metadata lives in
-    static device tensors and one replay launches the whole step."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 @torch.inference_mode()
 def dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     x = torch.randn(batch, layer.ctx.config.dim, device=DEV, dtype=BF16)
@@ -169,7 +153,7 @@ def dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
         step = prepare()
         cs, sn = cos[step.positions], sin[step.positions]
         with torch.inference_mode():
-            return graphed(lambda: layer(x, step, cache, cs, sn))
+            return graph_replay(lambda: layer(x, step, cache, cs, sn))
 
     def run():
         step = prepare()
@@ -215,7 +199,7 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     flops = 2 * batch * h * ctx_len * (576 + 512)
     if graph:
         with torch.inference_mode():
-            run = graphed(run)
+            run = graph_replay(run)
     return run, ms_attn, nbytes, flops
 
 

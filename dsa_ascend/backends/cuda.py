@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import pathlib
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -42,6 +42,22 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
     return None
+
+
+def graph_replay(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
+    """Capture ``fn`` (sync-free GPU work on static tensors, e.g. one decode step) in a CUDA
+    graph after ``warmup`` calls on a side stream (kernel compilation, library workspaces);
+    returns the replay, which relaunches the whole captured work with one host call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def hadamard_rotate(x):

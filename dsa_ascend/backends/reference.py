@@ -101,6 +101,9 @@ def indexer_topk(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optional[
     indices = torch.full((t, topk), -1, dtype=torch.int32, device=q.device)
     values = torch.full((t, topk), float("-inf"), dtype=torch.float32, device=q.device)
     cu, lens = cu_seqlens_q.tolist(), seqlens_k.tolist()
+    if max_seqlen_k is not None and lens and max_seqlen_k < max(lens):
+        raise ValueError(f"indexer_topk: max_seqlen_k={max_seqlen_k} is below max(seqlens_k)="
+                         f"{max(lens)}")
     for r in range(len(lens)):
         t0, t1, length = cu[r], cu[r + 1], lens[r]
         if t1 == t0:

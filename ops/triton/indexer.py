@@ -141,7 +141,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         t1 = min(t0 + chunk, t)
         scores = indexer_logits(q, weights, kc, ks, block_table, programs(t0, t1), t0, t1, width,
                                 k_cache.shape[1], block_m, block_n)
-        row_len = (pos[t0:t1] + 1).to(torch.int32)
+        # clamp: a max_seqlen_k below a real length (a broken contract) must not read past a row
+        row_len = (pos[t0:t1] + 1).clamp_max(width).to(torch.int32)
         idx = select_topk(scores, row_len, topk)
         indices[t0:t1] = idx
         values[t0:t1] = torch.where(idx >= 0, scores.gather(1, idx.clamp_min(0).long()),

@@ -1,7 +1,7 @@
 """Small fused ops of the indexer's prologue, one launch each (the decode profile showed the torch
 versions as ~20 launches apiece): the scaled Walsh-Hadamard rotation and per-block FP8
 quantization. Both compute exactly what the reference backend computes (same float32 operations
-in the same order: bit-identical outputs), so the choice of backend never moves a top-k set.
+in the same order: bit-identical outputs), so this step adds no difference between the backends.
 """
 
 from __future__ import annotations

@@ -142,6 +142,9 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     kv_fp8 = kv_cache.dtype == torch.uint8
     assert not kv_fp8 or kv_cache.shape[-1] == d_v + 4 * (d_v // 128) + 2 * d_rope, "FP8 entry width"
     k = indices.shape[1]
+    if kv_cache.shape[0] * kv_cache.shape[1] >= 2 ** 31:
+        raise ValueError(f"sparse_mla_fwd: kv_cache has {kv_cache.shape[0] * kv_cache.shape[1]} "
+                         "entries; the kernel addresses them with int32 slots (< 2^31)")
     q = q.contiguous()
     kv = kv_cache.contiguous()
     ieee = q.dtype == torch.float32

@@ -317,6 +317,9 @@ def test_indexer_topk_equal_scores_prefer_lower_positions(backend, device, mode)
     assert torch.equal(planned.cpu(), idx.cpu())
     with pytest.raises(ValueError, match="indexer_topk: max_seqlen_k must be None or positive"):
         Ops(backend).indexer_topk(*args, max_seqlen_k=0)
+    if backend == "reference":  # it reads the lengths anyway, so it checks the bound
+        with pytest.raises(ValueError, match=f"max_seqlen_k={max(lens) - 1} is below"):
+            Ops(backend).indexer_topk(*args, max_seqlen_k=max(lens) - 1)
     idx = idx.cpu()
     tok = 0
     for row, (length, n) in enumerate(zip(lens, q_lens)):

@@ -255,6 +255,11 @@ def test_indexer_topk_device_planned_launch_is_identical():
     for bound in (max(kv_lens), max(kv_lens) + 300):
         planned = K.indexer_topk(*args, max_seqlen_k=bound, block_m=1)
         assert torch.equal(planned[0], host[0]) and torch.equal(planned[1], host[1]), bound
+    # a bound below a real length breaks the contract: only keys below it are scored, and
+    # nothing reads past the score rows
+    short = max(kv_lens) // 2
+    idx, _ = K.indexer_topk(*args, max_seqlen_k=short, block_m=1)
+    assert int(idx.max()) < triton.cdiv(short, 128) * 128
 
 
 @pytest.mark.parametrize("n", [2, 64, 128, 1024])
@@ -304,3 +309,37 @@ def test_combine_splits_matches_float64():
     finite = torch.isfinite(want_lse)
     assert (total.cpu().double() - want_lse)[finite].abs().max() < 1e-5
     assert (merged.cpu().double() - want).abs().max() < 1e-5 * want.abs().max()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_decode_indexer_and_sparse_mla_capture_in_a_cuda_graph():
+    """No host sync in a decode step's indexer + top-k + sparse MLA (a sync would make the
+    capture fail), and the replay computes what the eager calls compute."""
+    from dsa_ascend.backends.cuda import graph_replay
+
+    g = _gen(29)
+    b, h, d, topk, ctx = 3, 64, 128, 1024, 1000  # k > keys: -1 padding; 4 splits + combine
+    kv_lens = [ctx, ctx - 200, 300]
+    kcache, table = _paged(kv_lens, d, 64, g)
+    kq, ks = quantize_fp8_blocks(kcache, d)
+    q, _ = quantize_fp8_blocks(torch.randn(b, h, d, generator=g), d)
+    w = torch.rand(b, h, generator=g)
+    cu = torch.arange(b + 1, dtype=torch.int32)
+    sk = torch.tensor(kv_lens, dtype=torch.int32)
+    latent, _ = _paged(kv_lens, 576, 64, g)
+    qm = torch.randn(b, 128, 576, generator=g).to(LOWP)
+    args = [x.to(DEV) for x in (q, w, kq, ks.squeeze(-1), table, cu, sk)]
+    lat, qm = latent.to(LOWP).to(DEV), qm.to(DEV)
+    rows = torch.arange(b, dtype=torch.int32, device=DEV)
+
+    def step():
+        idx, _ = K.indexer_topk(*args, topk, max_seqlen_k=ctx)
+        return idx, K.sparse_mla_fwd(qm, lat, idx, args[4], rows, 576 ** -0.5, 512)
+
+    want_idx, (want_o, want_lse) = step()
+    got = {}
+    replay = graph_replay(lambda: got.update(out=step()))
+    replay()
+    torch.cuda.synchronize()
+    idx, (o, lse) = got["out"]
+    assert torch.equal(idx, want_idx) and torch.equal(o, want_o) and torch.equal(lse, want_lse)
