@@ -343,3 +343,11 @@ def test_decode_indexer_and_sparse_mla_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     idx, (o, lse) = got["out"]
     assert torch.equal(idx, want_idx) and torch.equal(o, want_o) and torch.equal(lse, want_lse)
+
+
+def test_sparse_mla_names_a_cache_too_large_for_int32_slots():
+    kv = torch.empty((1 << 25, 64, 576), dtype=torch.float16, device="meta")  # 2^31 entries
+    q = torch.randn(1, 16, 576, dtype=torch.float16)
+    idx = torch.zeros(1, 16, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_cache has 2147483648 entries"):
+        K.sparse_mla_fwd(q, kv, idx, idx, idx[:, 0], 0.1, 512)
