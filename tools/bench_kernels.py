@@ -164,28 +164,29 @@ def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
         idx = torch.stack([torch.randperm(ctx, device=DEV)[:topk] for _ in range(b)]).int()
         rows_ = torch.arange(b, device=DEV, dtype=torch.int32)
         flops = b * 2 * h * topk * (576 + 512)
-        nbytes = b * topk * 576 * 2 + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
-        floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
-        for splits in (None, 2):
-            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
-                                                num_splits=splits))
-            rows.append(dict(name=f"sparse MLA decode B={b} ctx={ctx} topk={topk} splits={splits}",
-                             ms=ms, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
-                             pct_roofline=100 * floor / ms))
+        _decode_rows(rows, f"sparse MLA decode B={b} ctx={ctx} topk={topk}", q, cache, idx, table,
+                     rows_, flops, peak, bw)
         # the FP8 latent cache (dsa_ascend/kv_fp8.py): 656 bytes an entry
         packed = torch.empty(*cache.shape[:2], 656, dtype=torch.uint8, device=DEV)
         for i in range(0, cache.shape[0], 256):
             packed[i:i + 256] = kv_fp8.pack(cache[i:i + 256, :, :512], cache[i:i + 256, :, 512:], True)
         del cache
-        nbytes8 = b * topk * 656 + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
-        floor8 = max(flops / (peak * 1e9), nbytes8 / (bw * 1e6))
-        for splits in (None, 2):
-            ms = bench(lambda: K.sparse_mla_fwd(q, packed, idx, table, rows_, 576 ** -0.5, 512,
-                                                num_splits=splits))
-            rows.append(dict(name=f"sparse MLA decode FP8 cache B={b} ctx={ctx} splits={splits}",
-                             ms=ms, tflops=flops / ms / 1e9, gbps=nbytes8 / ms / 1e6,
-                             pct_roofline=100 * floor8 / ms))
+        _decode_rows(rows, f"sparse MLA decode FP8 cache B={b} ctx={ctx}", q, packed, idx, table,
+                     rows_, flops, peak, bw)
         del packed
+
+
+def _decode_rows(rows, name, q, cache, idx, table, rows_, flops, peak, bw):
+    """One decode size without and with a 2-way split, against the binding roofline."""
+    b, h = q.shape[:2]
+    entry_bytes = cache.shape[-1] * cache.element_size()
+    nbytes = idx.numel() * entry_bytes + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
+    floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
+    for splits in (None, 2):
+        ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
+                                            num_splits=splits))
+        rows.append(dict(name=f"{name} splits={splits}", ms=ms, tflops=flops / ms / 1e9,
+                         gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
 
 
 def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):

@@ -200,9 +200,7 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int,
     if not n or not k:
         return out.fill_(-1)
     if chunk is None:  # about four programs per SM, chunks of 1K..8K scores
-        sms = (torch.cuda.get_device_properties(scores.device).multi_processor_count
-               if scores.is_cuda else 4)
-        chunk = triton.next_power_of_2(max(1, -(-n * length // (4 * sms))))
+        chunk = triton.next_power_of_2(max(1, -(-n * length // (4 * _sm_count(scores.device)))))
         chunk = min(8192, max(1024, chunk))
     n_chunks = max(1, triton.cdiv(length, chunk))
     pad = triton.next_power_of_2(triton.cdiv(k, n_chunks))
@@ -221,14 +219,17 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int,
     return out
 
 
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 under the CPU interpreter (so both schedules get exercised)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k positions per row (ascending positions, -1 padded), with the policy measured on
     H100 (BENCHMARKS.md): ``topk_multi`` while there are fewer rows than SMs (one program per
     row would leave SMs idle; 1 x 128K in 0.034 ms as a graph replay against 0.69 ms), the
     one-program-per-row ``topk_rows`` from there on (1024 x 32K: both ~1.3 ms, fewer launches)."""
-    sms = (torch.cuda.get_device_properties(scores.device).multi_processor_count
-           if scores.is_cuda else 4)
-    if scores.shape[0] < sms:
+    if scores.shape[0] < _sm_count(scores.device):
         return topk_multi(scores, lengths, k)
     return topk_rows(scores, lengths, k)
 

@@ -37,6 +37,36 @@ __aicore__ inline void PipeSync() {
   WaitFlag<E>(id);
 }
 
+// C [m, n] (+)= A [m, k] . B [k, n] on the Cube (L0A x L0B -> L0C; m, n, k padded to the
+// fractals); init = true starts the sum.
+template <typename C, typename A, typename B>
+__aicore__ inline void MmadTile(const LocalTensor<C>& c, const LocalTensor<A>& a, const LocalTensor<B>& b,
+                                uint32_t m, uint32_t n, uint32_t k, bool init) {
+  MmadParams mm;
+  mm.m = static_cast<uint16_t>(m);
+  mm.n = static_cast<uint16_t>(n);
+  mm.k = static_cast<uint16_t>(k);
+  mm.cmatrixInitVal = init;
+  Mmad(c, a, b, mm);
+}
+
+// Hands a finished L0C tile through its queue, writes its first `rows` rows (of srcRows, the
+// padded height) x `cols` to dst row-major with dstStride elements between rows, and frees it.
+template <typename T, typename Que>
+__aicore__ inline void FixpipeRowsOut(const GlobalTensor<T>& dst, Que& que, LocalTensor<T>& c, uint32_t rows,
+                                      uint32_t cols, uint32_t srcRows, uint32_t dstStride) {
+  que.EnQue(c);
+  c = que.template DeQue<T>();
+  FixpipeParamsV220 fp;
+  fp.nSize = static_cast<uint16_t>(cols);
+  fp.mSize = static_cast<uint16_t>(rows);
+  fp.srcStride = static_cast<uint16_t>(srcRows);
+  fp.dstStride = dstStride;
+  fp.ndNum = 1;
+  Fixpipe<T, T, CFG_ROW_MAJOR>(dst, c, fp);
+  que.FreeTensor(c);
+}
+
 }  // namespace dsa_common
 
 #endif  // DSA_KERNEL_COMMON_H_

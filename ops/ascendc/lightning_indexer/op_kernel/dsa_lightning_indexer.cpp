@@ -27,10 +27,12 @@ namespace dsa_li {
 
 // The shared helpers (dsa_kernel_common.h); declared here so they shadow same-named ones.
 using dsa_common::AlignUp;
+using dsa_common::FixpipeRowsOut;
 using dsa_common::kCubeRows;
 using dsa_common::kMaskScore;
 using dsa_common::kNegInfBits;
 using dsa_common::Min;
+using dsa_common::MmadTile;
 using dsa_common::PipeSync;
 using dsa_common::RowsToNz;
 
@@ -288,23 +290,9 @@ class LightningIndexer {
         bL0_.EnQue(b0);
         b0 = bL0_.DeQue<QT>();
         LocalTensor<ACC> c = cL0_.AllocTensor<ACC>();
-        MmadParams mm;
-        mm.m = static_cast<uint16_t>(mA);
-        mm.n = static_cast<uint16_t>(bn);
-        mm.k = static_cast<uint16_t>(d);
-        mm.cmatrixInitVal = true;
-        Mmad(c, qL0_, b0, mm);
+        MmadTile(c, qL0_, b0, mA, bn, d, true);
         bL0_.FreeTensor(b0);
-        cL0_.EnQue(c);
-        c = cL0_.DeQue<ACC>();
-        FixpipeParamsV220 fp;
-        fp.nSize = static_cast<uint16_t>(bn);
-        fp.mSize = static_cast<uint16_t>(m);
-        fp.srcStride = static_cast<uint16_t>(mA);
-        fp.dstStride = t_->keyTile;  // row-major [m, keyTile] score slot
-        fp.ndNum = 1;
-        Fixpipe<ACC, ACC, CFG_ROW_MAJOR>(out[nb], c, fp);
-        cL0_.FreeTensor(c);
+        FixpipeRowsOut(out[nb], cL0_, c, m, bn, mA, t_->keyTile);  // row-major [m, keyTile] slot
       }
       kL1_.FreeTensor(k1);
       CrossCoreSetFlag<2, PIPE_FIX>(kFlagScoreFull);

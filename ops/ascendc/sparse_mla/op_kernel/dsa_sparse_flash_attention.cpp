@@ -27,10 +27,12 @@ namespace dsa_sfa {
 
 // The shared helpers (dsa_kernel_common.h); declared here so they shadow same-named ones.
 using dsa_common::AlignUp;
+using dsa_common::FixpipeRowsOut;
 using dsa_common::kCubeRows;
 using dsa_common::kMaskScore;
 using dsa_common::kNegInfBits;
 using dsa_common::Min;
+using dsa_common::MmadTile;
 using dsa_common::PipeSync;
 using dsa_common::RowsToNz;
 
@@ -264,25 +266,11 @@ class SparseFlashAttention {
       bL0_.EnQue(b);
       a = aL0_.DeQue<QT>();
       b = bL0_.DeQue<QT>();
-      MmadParams mm;
-      mm.m = static_cast<uint16_t>(gA);
-      mm.n = static_cast<uint16_t>(kvA);
-      mm.k = static_cast<uint16_t>(bk);
-      mm.cmatrixInitVal = k0 == 0;  // the first slice starts the sum
-      Mmad(c, a, b, mm);
+      MmadTile(c, a, b, gA, kvA, bk, k0 == 0);  // the first slice starts the sum
       aL0_.FreeTensor(a);
       bL0_.FreeTensor(b);
     }
-    cL0_.EnQue(c);
-    c = cL0_.DeQue<float>();
-    FixpipeParamsV220 fp;
-    fp.nSize = static_cast<uint16_t>(kvA);
-    fp.mSize = static_cast<uint16_t>(g);
-    fp.srcStride = static_cast<uint16_t>(gA);
-    fp.dstStride = t_->kvTile;
-    fp.ndNum = 1;
-    Fixpipe<float, float, CFG_ROW_MAJOR>(wsScore_[core_ * (t_->wsScoreCoreBytes / sizeof(float))], c, fp);
-    cL0_.FreeTensor(c);
+    FixpipeRowsOut(wsScore_[core_ * (t_->wsScoreCoreBytes / sizeof(float))], cL0_, c, g, kvA, gA, t_->kvTile);
   }
 
   // O [g, Dv] = P . V with P [g, kv] from the AIVs and V = the gathered rows' first Dv channels.
@@ -317,23 +305,9 @@ class SparseFlashAttention {
       bL0_.EnQue(b);
       b = bL0_.DeQue<QT>();
       LocalTensor<float> c = cL0_.AllocTensor<float>();
-      MmadParams mm;
-      mm.m = static_cast<uint16_t>(gA);
-      mm.n = static_cast<uint16_t>(dv);
-      mm.k = static_cast<uint16_t>(kvA);
-      mm.cmatrixInitVal = true;
-      Mmad(c, a, b, mm);
+      MmadTile(c, a, b, gA, dv, kvA, true);
       bL0_.FreeTensor(b);
-      cL0_.EnQue(c);
-      c = cL0_.DeQue<float>();
-      FixpipeParamsV220 fp;
-      fp.nSize = static_cast<uint16_t>(dv);
-      fp.mSize = static_cast<uint16_t>(g);
-      fp.srcStride = static_cast<uint16_t>(gA);
-      fp.dstStride = t_->dNope;
-      fp.ndNum = 1;
-      Fixpipe<float, float, CFG_ROW_MAJOR>(out[v0], c, fp);
-      cL0_.FreeTensor(c);
+      FixpipeRowsOut(out[v0], cL0_, c, g, dv, gA, t_->dNope);
     }
     aL0_.FreeTensor(a);
     pL1_.FreeTensor(p1);
