@@ -61,13 +61,18 @@ class MoE(nn.Module):
         weights, experts = self.gate(x)
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         first, last = self.parallel.routed_tokens(x.shape[0])
-        mine = experts[first:last]
-        counts = torch.bincount(mine.flatten(), minlength=self.n_experts).tolist()
+        # One host sync per layer (the counts): (token, slot) pairs sorted by expert, stably, so
+        # each expert's tokens come in ascending order, as torch.where(mine == e) gives them.
+        flat = experts[first:last].flatten()
+        order = flat.argsort(stable=True)
+        token_of, slot_of = order // self.gate.top_k + first, order % self.gate.top_k
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
         for e in self.local_experts:
             if counts[e]:
-                token, slot = torch.where(mine == e)
-                if first:
-                    token += first
+                token, slot = token_of[offsets[e]:offsets[e + 1]], slot_of[offsets[e]:offsets[e + 1]]
                 y.index_add_(0, token, self.experts[e](x[token]).float() * weights[token, slot, None])
         if self.shared_experts is not None and self.parallel.adds_shared:
             y += self.shared_experts(x).float()

@@ -1,14 +1,16 @@
 """Top-k selection per row of a float32 score matrix: radix select on the float bits.
 
-Scores map to order-preserving uint32 keys; four histogram passes (8-bit digits, most
-significant first; 11/11/10-bit digits measured 4.8x slower) pin down the exact k-th largest key
-T and how many entries equal to T are still wanted; a final pass writes the positions of keys > T
-(ascending) and then the lowest positions of keys == T (deterministic ties: lower position wins).
+Scores map to order-preserving uint32 keys. In ``topk_rows`` four histogram passes (8-bit
+digits, most significant first; 11/11/10-bit digits measured 4.8x slower) pin down the exact
+k-th largest key T and how many entries equal to T are still wanted; a final pass writes the
+positions of keys > T (ascending) and then the lowest positions of keys == T (deterministic ties:
+lower position wins).
 -inf scores (masked keys) come out as -1. Entries past the row's own length are ignored.
 
 Two schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all passes
-in one launch: for many rows) and ``topk_multi`` (each row split over many programs, one launch
-per pass: for fewer rows than SMs, e.g. decode). ``select_topk`` picks between them.
+in one launch) and ``topk_multi`` (each row split over many programs: a wide top-digit histogram,
+candidate compaction, an exact select among the candidates, an ordered write; three reads of the
+scores). ``select_topk`` uses ``topk_multi``.
 """
 
 from __future__ import annotations
@@ -90,77 +92,119 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
         done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
+# -------------------------------------------------- multi-program select: 3 reads of the scores
+# Pass 1 histograms the top HI bits of every key (sign, exponent and the leading mantissa bits:
+# 8 bins per power of two at HI = 12; scores bunched within one power of two, as the indexer's
+# are, give more candidates, 14 bits fewer) into one histogram per row; one program per row
+# finds the bin of the row's k-th largest key. Pass 2 counts, per chunk, the keys in bins above
+# it and compacts the keys of that bin (the candidates, typically a few hundred) into a per-row
+# buffer. One program per row then pins the k-th largest key T exactly among the candidates
+# alone, and adds each chunk's counts of keys > T and == T. Pass 3 writes the output in position
+# order. Every count is an integer sum, so nothing depends on the order in which programs run
+# (nor on the order of the candidates in their buffer).
+CHUNK = 1024  # scores a program (1K and 2K measured on the H100: 1K as fast or faster)
+HI_BITS = 12
+
+
 @triton.jit
-def _choose_digit(HIST, remaining, NB: tl.constexpr):
-    """From a finished histogram of one digit: the digit holding the remaining-th largest key,
-    and how many keys are still wanted inside it."""
+def _chosen_bin(HIST, kk, NB: tl.constexpr):
+    """From a row's finished pass-1 histogram: the bin holding its kk-th largest key, and how
+    many keys are still wanted from that bin."""
     bins = tl.arange(0, NB)
     hist = tl.load(HIST + bins)
-    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    chosen = tl.max(tl.where(suffix >= remaining, bins, -1), 0)
+    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in this bin or above
+    chosen = tl.max(tl.where(suffix >= kk, bins, -1), 0)
     above = tl.sum(tl.where(bins > chosen, hist, 0), 0)
-    return chosen, remaining - above
+    return chosen, kk - above
 
 
 @triton.jit
-def _prefix_after(HIST, r, n_rows, kk, PASSES: tl.constexpr):
-    """Prefix (and its mask) of the k-th largest key pinned by the first PASSES byte digits, and
-    the count still wanted among the keys that match it."""
-    prefix = tl.zeros([], tl.uint32)
-    mask = tl.zeros([], tl.uint32)
-    remaining = kk
-    for p in tl.static_range(PASSES):
-        chosen, remaining = _choose_digit(HIST + (p * n_rows + r) * 256, remaining, 256)
-        prefix = prefix | (chosen.to(tl.uint32) << (24 - 8 * p))
-        mask = mask | (255 << (24 - 8 * p))
-    return prefix, mask, remaining
+def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr):
+    """Per row, once: the pass-1 bin of the k-th largest key and the count wanted from it."""
+    r = tl.program_id(0)
+    chosen, remaining = _chosen_bin(HIST + r * NB, tl.minimum(k, tl.load(LEN + r)), NB)
+    tl.store(SEL + 2 * r, chosen)
+    tl.store(SEL + 2 * r + 1, remaining)
 
 
 @triton.jit
-def _mc_hist_kernel(S, LEN, HIST, stride_s, n_rows, k, PASS: tl.constexpr, CHUNK: tl.constexpr):
-    """Pass PASS of the multi-program radix select: program (r, c) adds the byte-digit histogram
-    of chunk c of row r (keys matching the prefix pinned so far) into HIST[PASS, r]."""
+def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r], one L2
+    atomic a key (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin)."""
     r = tl.program_id(0)
     start = tl.program_id(1) * CHUNK
     row_len = tl.load(LEN + r)
     if start >= row_len:
         return
-    kk = tl.minimum(k, row_len)
-    prefix, pmask, remaining = _prefix_after(HIST, r, n_rows, kk, PASS)
     offs = start + tl.arange(0, CHUNK)
     inb = offs < row_len
     key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
-    match = inb & ((key & pmask) == prefix)
-    digit = ((key >> (24 - 8 * PASS)) & 255).to(tl.int32)
-    hist = tl.histogram(tl.where(match, digit, 256), 512)
-    bins = tl.arange(0, 512)
-    tl.atomic_add(HIST + (PASS * n_rows + r) * 256 + bins, hist, mask=(bins < 256) & (hist > 0),
+    digit = (key >> (32 - HI)).to(tl.int32)
+    tl.atomic_add(HIST + r * (1 << HI) + digit, tl.full([CHUNK], 1, tl.int32), mask=inb,
                   sem="relaxed")
 
 
 @triton.jit
-def _mc_count_kernel(S, LEN, HIST, COUNTS, stride_s, n_rows, k, n_chunks, CHUNK: tl.constexpr):
-    """COUNTS[r, c] = (keys > T, keys == T) in chunk c of row r, T = the row's k-th largest key."""
+def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, stride_s, stride_c, n_chunks,
+                    HI: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass 2: COUNTS[r, c, 0] = keys of chunk c in bins above the k-th key's bin; that bin's
+    keys (score and position) are appended to row r's candidate buffer."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     start = c * CHUNK
     row_len = tl.load(LEN + r)
-    kk = tl.minimum(k, row_len)
-    thresh, _, _ = _prefix_after(HIST, r, n_rows, kk, 4)
+    if start >= row_len:
+        return
+    chosen = tl.load(SEL + 2 * r)
     offs = start + tl.arange(0, CHUNK)
     inb = offs < row_len
-    key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
-    base = COUNTS + (r * n_chunks + c) * 2
-    tl.store(base, tl.sum((inb & (key > thresh)).to(tl.int32), 0))
-    tl.store(base + 1, tl.sum((inb & (key == thresh)).to(tl.int32), 0))
+    x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf"))
+    digit = (_sortable(x) >> (32 - HI)).to(tl.int32)
+    tl.store(COUNTS + (r * n_chunks + c) * 2, tl.sum((inb & (digit > chosen)).to(tl.int32), 0))
+    cand = inb & (digit == chosen)
+    n = tl.sum(cand.to(tl.int32), 0)
+    if n > 0:
+        slot = tl.atomic_add(NCAND + r, n, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
+        tl.store(CAND_S + r.to(tl.int64) * stride_c + slot, x, mask=cand)
+        tl.store(CAND_P + r.to(tl.int64) * stride_c + slot, offs, mask=cand)
 
 
 @triton.jit
-def _mc_write_kernel(S, LEN, HIST, COUNTS, OUT, stride_s, stride_o, n_rows, k, n_chunks,
-                     CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr):
-    """Chunk c of row r writes its keys > T, then its share of the keys == T that the tie rule
-    keeps (lowest positions first), at offsets given by the counts of the chunks before it; and
-    its share of the -1 padding after the row's kk entries."""
+def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunks,
+                   HI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r's k-th largest key T (radix passes over the candidates' low bits only) and the count
+    still wanted among the keys == T; adds each candidate > T / == T to its chunk's COUNTS."""
+    NB: tl.constexpr = 1 << HI
+    LO: tl.constexpr = 32 - HI
+    r = tl.program_id(0)
+    m = tl.load(NCAND + r)
+    chosen = tl.load(SEL + 2 * r)
+    remaining = tl.load(SEL + 2 * r + 1)
+    prefix = chosen.to(tl.uint32) << LO
+    mask = tl.full([], (NB - 1) << LO, tl.uint32)
+    cs = CAND_S + r.to(tl.int64) * stride_c
+    cp = CAND_P + r.to(tl.int64) * stride_c
+    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, LO - 8, 8, BLOCK)
+    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, LO - 16, 8, BLOCK)
+    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, 0, LO - 16, BLOCK)
+    for start in range(0, m, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < m
+        key = _sortable(tl.load(cs + offs, mask=inb, other=float("-inf")))
+        at = COUNTS + (r * n_chunks + tl.load(cp + offs, mask=inb, other=0) // CHUNK) * 2
+        tl.atomic_add(at, tl.full([BLOCK], 1, tl.int32), mask=inb & (key > prefix), sem="relaxed")
+        tl.atomic_add(at + 1, tl.full([BLOCK], 1, tl.int32), mask=inb & (key == prefix),
+                      sem="relaxed")
+    tl.store(THRESH + 2 * r, prefix.to(tl.int32, bitcast=True))
+    tl.store(THRESH + 2 * r + 1, remaining)
+
+
+@triton.jit
+def _write_kernel(S, LEN, THRESH, COUNTS, OUT, stride_s, stride_o, k, n_chunks,
+                  CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr):
+    """Pass 3: chunk c of row r writes its keys > T, then its share of the keys == T that the tie
+    rule keeps (lowest positions first), at offsets given by the counts of the chunks before it;
+    and its share of the -1 padding after the row's kk entries."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     row_len = tl.load(LEN + r)
@@ -171,7 +215,8 @@ def _mc_write_kernel(S, LEN, HIST, COUNTS, OUT, stride_s, stride_o, n_rows, k, n
     start = c * CHUNK
     if start >= row_len:
         return
-    thresh, _, remaining = _prefix_after(HIST, r, n_rows, kk, 4)
+    thresh = tl.load(THRESH + 2 * r).to(tl.uint32, bitcast=True)
+    remaining = tl.load(THRESH + 2 * r + 1)
     n_gt = kk - remaining
     prev = tl.arange(0, MAX_CHUNKS)
     counts = COUNTS + (r * n_chunks + prev) * 2
@@ -189,49 +234,51 @@ def _mc_write_kernel(S, LEN, HIST, COUNTS, OUT, stride_s, stride_o, n_rows, k, n
     tl.store(out + n_gt + c_eq - 1, pos, mask=eq & (c_eq <= remaining))
 
 
-def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int,
-               chunk: int | None = None) -> torch.Tensor:
-    """``topk_rows``'s contract, each row split over many programs: four byte-digit histogram
-    passes (per-chunk histograms added atomically into one per row; integer adds, so the
-    result does not depend on their order), a count pass and an ordered write pass. Six reads of
-    the scores, but every SM busy at any row count."""
+def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int | None = None,
+               hi_bits: int = HI_BITS) -> torch.Tensor:
+    """``topk_rows``'s contract, each row split over many programs, reading the scores three
+    times (top-digit histogram, count + candidate compaction, ordered write) plus one program
+    per row over the candidates: every SM busy at any row count. ``hi_bits`` (9..15) is the
+    width of the pass-1 digit."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     if not n or not k:
         return out.fill_(-1)
-    if chunk is None:  # about four programs per SM, chunks of 1K..8K scores
-        chunk = triton.next_power_of_2(max(1, -(-n * length // (4 * _sm_count(scores.device)))))
-        chunk = min(8192, max(1024, chunk))
+    if not 9 <= hi_bits <= 15:
+        raise ValueError(f"topk_multi: hi_bits must lie in [9, 15], got {hi_bits}")
+    chunk = chunk or CHUNK
     n_chunks = max(1, triton.cdiv(length, chunk))
-    pad = triton.next_power_of_2(triton.cdiv(k, n_chunks))
-    hist = torch.zeros((4, n, 256), dtype=torch.int32, device=scores.device)
-    counts = torch.empty((n, n_chunks, 2), dtype=torch.int32, device=scores.device)
+    max_chunks = triton.next_power_of_2(n_chunks)
+    nb = 1 << hi_bits
+    # one zeroed workspace: histograms [n, nb], candidate counts [n], per-chunk counts [n, c, 2]
+    work = torch.zeros(n * (nb + 1 + 2 * n_chunks), dtype=torch.int32, device=scores.device)
+    hist, ncand = work[:n * nb], work[n * nb:n * (nb + 1)]
+    counts = work[n * (nb + 1):]
+    cand_s = torch.empty((n, length), dtype=torch.float32, device=scores.device)
+    cand_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
+    sel = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
+    thresh = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
     grid = (n, n_chunks)
     warps = 8 if chunk >= 4096 else 4
-    for p in range(4):
-        _mc_hist_kernel[grid](scores, lengths, hist, scores.stride(0), n, k, PASS=p, CHUNK=chunk,
-                              num_warps=warps)
-    _mc_count_kernel[grid](scores, lengths, hist, counts, scores.stride(0), n, k, n_chunks,
-                           CHUNK=chunk, num_warps=warps)
-    _mc_write_kernel[grid](scores, lengths, hist, counts, out, scores.stride(0), out.stride(0), n,
-                           k, n_chunks, CHUNK=chunk, MAX_CHUNKS=triton.next_power_of_2(n_chunks),
-                           PAD=pad, num_warps=warps)
+    _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
+                          num_warps=warps)
+    _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, num_warps=8)
+    _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, scores.stride(0),
+                          length, n_chunks, HI=hi_bits, CHUNK=chunk, num_warps=warps)
+    _finish_kernel[(n,)](sel, ncand, cand_s, cand_p, counts, thresh, length, n_chunks,
+                         HI=hi_bits, CHUNK=chunk, BLOCK=2048, num_warps=8)
+    _write_kernel[grid](scores, lengths, thresh, counts, out, scores.stride(0), out.stride(0), k,
+                        n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
+                        PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), num_warps=warps)
     return out
 
 
-def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; 4 under the CPU interpreter (so both schedules get exercised)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k positions per row (ascending positions, -1 padded), with the policy measured on
-    H100 (BENCHMARKS.md): ``topk_multi`` while there are fewer rows than SMs (one program per
-    row would leave SMs idle; 1 x 128K in 0.034 ms as a graph replay against 0.69 ms), the
-    one-program-per-row ``topk_rows`` from there on (1024 x 32K: both ~1.3 ms, fewer launches)."""
-    if scores.shape[0] < _sm_count(scores.device):
-        return topk_multi(scores, lengths, k)
-    return topk_rows(scores, lengths, k)
+    """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
+    ``topk_rows`` at every size measured on the H100, 1 x 128K to 1024 x 32K (BENCHMARKS.md).
+    Temporary memory: about twice the scores (the candidate buffers, sized for the worst case
+    of every key tied) plus 16 KB of histogram a row."""
+    return topk_multi(scores, lengths, k)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

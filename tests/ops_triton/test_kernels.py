@@ -155,14 +155,22 @@ def test_topk_rows_exact_sets_and_ties():
     got8 = K.topk_rows(s.to(DEV), lens.to(DEV), k, byte_digits=True).cpu()
     assert torch.equal(got, got8)  # same deterministic output from both digit schedules
     # the multi-program radix select: same deterministic output (ascending positions, padding)
-    for chunk in ((1024, 4096) if ON_GPU else (128, 512)):
-        assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk).cpu(), got)
+    for chunk, hi in (((1024, 11), (4096, 9), (2048, 15)) if ON_GPU else
+                      ((128, 11), (512, 9), (128, 15))):
+        assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk,
+                                             hi_bits=hi).cpu(), got), (chunk, hi)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     for r in range(n):
         want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
         assert sorted(got[r].tolist()) == sorted(want[0].tolist()), r
         n_valid = int((got[r] >= 0).sum())  # valid entries first, then the -1 padding
         assert (got[r][n_valid:] == -1).all(), r
+
+
+def test_topk_multi_names_a_bad_digit_width():
+    s = torch.randn(2, 64).to(DEV)
+    with pytest.raises(ValueError, match="hi_bits must lie in"):
+        K.topk.topk_multi(s, torch.full((2,), 64, dtype=torch.int32, device=DEV), 8, hi_bits=16)
 
 
 def test_topk_sweep():
