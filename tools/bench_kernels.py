@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from dsa_ascend import kv_fp8  # noqa: E402
+from dsa_ascend import kv_fp8, paging  # noqa: E402
 from dsa_ascend.backends import reference as ref  # noqa: E402
 from dsa_ascend.backends.cuda import graph_replay, kernels  # noqa: E402
 from dsa_ascend.quant import quantize_fp8_blocks  # noqa: E402
@@ -71,15 +71,21 @@ def sparse_prefill(rows, peak, bw, t=4096, kv=8192, h=128, topk=2048):
     idx = scores.topk(topk, dim=-1).indices.int()
     rows_ = torch.zeros(t, dtype=torch.int32, device=DEV)
     flops = t * 2 * h * topk * (576 + 512)
-    for bh, bk, w, st in [(64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]:
+    want, _ = K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512, impl="triton")
+    sm90 = [("sm90", {})] if K.sparse_mla.sparse_mla_sm90.available(q, cache) else []
+    for impl, cfg in sm90 + [("triton", dict(block_h=64, block_k=64, num_warps=8, num_stages=2)),
+                      ("triton", dict(block_h=64, block_k=32, num_warps=8, num_stages=3))]:
+        fn = lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512, impl=impl, **cfg)  # noqa: E731
         try:
-            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
-                                                block_h=bh, block_k=bk, num_warps=w, num_stages=st))
+            got, _ = fn()
+            ms = bench(fn)
         except Exception as e:  # noqa: BLE001
-            rows.append(dict(name=f"sparse MLA prefill BH={bh} BK={bk} w={w} s={st} FAILED {type(e).__name__}"))
+            rows.append(dict(name=f"sparse MLA prefill {impl} {cfg} FAILED {type(e).__name__}: {e}"[:300]))
             continue
-        rows.append(dict(name=f"sparse MLA prefill T={t} kv={kv} h={h} topk={topk} BH={bh} BK={bk} w={w} s={st}",
-                         ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak))
+        diff = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        rows.append(dict(name=f"sparse MLA prefill T={t} kv={kv} h={h} topk={topk} {impl} {cfg}",
+                         ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
+                         rel_diff_vs_triton=diff))
     # baseline: the reference backend's torch gather + matmul (chunked), on 512 queries, scaled
     sub = 512
     ms_ref = bench(lambda: ref._sparse_attention(q[:sub], cache, idx[:sub], table, rows_[:sub].long(),
@@ -112,21 +118,25 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
     ks = ks.squeeze(-1)
     q, _ = quantize_fp8_blocks(torch.randn(t, h, d, device=DEV), d)
     w = torch.rand(t, h, device=DEV)
-    cu, lens = [0, t], [kv]
-    for block_m, block_n, warps, stages in [(1, 128, 4, 3), (1, 256, 8, 3), (1, 128, 4, 4),
-                                            (1, 64, 4, 4), (2, 128, 8, 3)]:
-        progs = K.indexer._programs(cu, lens, 0, t, block_m, DEV)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=DEV)
+    sk = torch.tensor([kv], dtype=torch.int32, device=DEV)
+    tok_rows, pos = paging.token_rows(cu, t), paging.query_positions(cu, sk, t)
+    for block_m, block_n, warps, stages, tiles in [(2, 128, 8, 3, 16), (2, 128, 8, 3, 32), (2, 128, 8, 3, 64),
+                                                   (2, 128, 8, 3, 8), (1, 128, 4, 3, 16), (4, 128, 8, 3, 16),
+                                                   (2, 64, 4, 4, 32), (2, 256, 8, 3, 16)]:
+        progs = K.indexer.programs(cu, tok_rows, pos, 0, t, block_m)
         width = triton.cdiv(kv, block_n) * block_n
         fn = lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, t,  # noqa: E731
-                                              width, 64, block_m, block_n, warps, stages)
+                                              width, 64, block_m, block_n, warps, stages, tiles)
         try:
             ms = bench(fn)
         except Exception as e:  # noqa: BLE001
-            print("config failed", block_m, block_n, warps, stages, e)
+            print("config failed", block_m, block_n, warps, stages, tiles, e)
             continue
         pairs = sum(range(kv - t + 1, kv + 1))  # causal: query i sees kv - t + i + 1 keys
         flops = 2 * h * d * pairs
-        rows.append(dict(name=f"FP8 indexer logits {t}x{kv} h={h} (BM={block_m},BN={block_n},w={warps},s={stages})",
+        rows.append(dict(name=f"FP8 indexer logits {t}x{kv} h={h} "
+                              f"(BM={block_m},BN={block_n},w={warps},s={stages},tiles={tiles})",
                          ms=ms, tflops=flops / ms / 1e9, tflops_full_rect=2 * h * d * t * kv / ms / 1e9))
     # baseline: torch (dequantized bf16 einsum + relu + weighted sum) on 512 queries, scaled
     sub = 512
@@ -182,11 +192,12 @@ def _decode_rows(rows, name, q, cache, idx, table, rows_, flops, peak, bw):
     entry_bytes = cache.shape[-1] * cache.element_size()
     nbytes = idx.numel() * entry_bytes + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
     floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
-    for splits in (None, 2):
-        ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
-                                            num_splits=splits))
-        rows.append(dict(name=f"{name} splits={splits}", ms=ms, tflops=flops / ms / 1e9,
-                         gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
+    for impl in (("sm90", "triton") if K.sparse_mla.sparse_mla_sm90.available(q, cache) else ("triton",)):
+        for splits in (None, 2):
+            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
+                                                num_splits=splits, impl=impl))
+            rows.append(dict(name=f"{name} {impl} splits={splits}", ms=ms, tflops=flops / ms / 1e9,
+                             gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
 
 
 def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):
@@ -211,7 +222,7 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, CUDA graph", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # where the time goes: the logits kernel alone, and the top-k alone on its output
-    progs = K.indexer._programs(list(range(b + 1)), [ctx] * b, 0, b, 1, DEV)
+    progs = K.indexer.programs(cu, paging.token_rows(cu, b), sk.long() - 1, 0, b, 1)
     ms_l = bench(lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0,
                                                   b, ctx, 64, 1, 128))
     scores = K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, b, ctx, 64, 1, 128)

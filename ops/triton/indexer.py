@@ -1,12 +1,16 @@
 """Lightning-indexer logits on the paged index-key cache, then top-k.
 
 I(t, s) = k_scale(s) * sum_h w(t, h) * ReLU(q(t, h) . k(s)), s <= pos(t). A program takes
-BLOCK_M query tokens of ONE sequence (so they share a block table) and BLOCK_N key positions:
-one [BLOCK_M * H, D] x [D, BLOCK_N] product (FP8 or bf16 operands, float32 accumulation), ReLU,
-the head-weighted sum, the key scale and the causal mask. Key tiles wholly beyond the block's last
-query are skipped (their scores stay -inf). Queries are processed in chunks so that the float32
-score matrix held at once is bounded (``max_chunk_elements``), then each chunk goes through the
-radix top-k.
+BLOCK_M query tokens of ONE sequence (they share a block table and a causal frontier) and a run
+of key tiles of BLOCK_N positions. Per tile: one [BLOCK_N, D] x [D, BLOCK_M * H] product (FP8
+or bf16 operands, float32 accumulation) with the KEYS as the MMA's rows, so the head-weighted
+sum runs along the accumulator's columns: inside a thread plus two lane shuffles, not across
+warps through shared memory (with heads as rows it was; 197 TFLOPS, BENCHMARKS.md). The queries'
+tile is loaded once and reused for every key tile. Key tiles wholly beyond the block's last query
+are skipped (their scores stay -inf). Queries are processed in chunks so that the float32 score
+matrix held at once is bounded (``max_chunk_elements``), then each chunk goes through the radix
+top-k. The launch table is built on the device: no host sync when the caller passes the step's
+``max_seqlen_k``, so a decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,79 +25,125 @@ from .topk import select_topk
 
 
 @triton.jit
+def _key_slots(bt_row, offs_n, last_pos, block_size):
+    """Flat cache rows of key positions ``offs_n`` (0 past ``last_pos``: masked by the caller)."""
+    valid = offs_n <= last_pos
+    blk = tl.load(bt_row + offs_n // block_size, mask=valid, other=0)
+    return tl.where(valid, blk.to(tl.int64) * block_size + offs_n % block_size, 0)
+
+
+@triton.jit
 def _indexer_logits_kernel(
     Q, W, KC, KS, BT, PROG, OUT,
-    stride_qt, stride_wt, stride_bt, stride_ot,
-    t0, block_size,
-    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    stride_qt, stride_wt, stride_bt, width,
+    t0, block_size, tiles_per_prog,
+    H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):
     p = tl.program_id(0)
-    nb = tl.program_id(1)
     row = tl.load(PROG + p * 4 + 0)
     t_start = tl.load(PROG + p * 4 + 1)
     t_end = tl.load(PROG + p * 4 + 2)
     pos_start = tl.load(PROG + p * 4 + 3)  # absolute position of token t_start
-    n0 = nb * BLOCK_N
-    last_pos = pos_start + (t_end - t_start) - 1
-    if n0 > last_pos:
+    if t_end <= t_start:  # an empty program of the launch table
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_h = tl.arange(0, H)
+    last_pos = pos_start + (t_end - t_start) - 1
+    n_lo = tl.program_id(1) * tiles_per_prog * BLOCK_N
+    n_hi = tl.minimum(tl.minimum(n_lo + tiles_per_prog * BLOCK_N, last_pos + 1), width)
+
+    # the queries' columns: (token, head) flattened, heads padded to H_PAD (zero q and w)
+    offs_c = tl.arange(0, BLOCK_M * H_PAD)
+    c_tok = offs_c // H_PAD
+    c_head = offs_c % H_PAD
+    cmask = (t_start + c_tok < t_end) & (c_head < H)
+    c_row = (t_start + c_tok).to(tl.int64)
     offs_d = tl.arange(0, D)
+    q = tl.load(Q + (c_row * stride_qt + c_head * D)[:, None] + offs_d[None, :],
+                mask=cmask[:, None], other=0.0)  # [BLOCK_M * H_PAD, D]
+    w = tl.load(W + c_row * stride_wt + c_head, mask=cmask, other=0.0)
+
+    offs_m = tl.arange(0, BLOCK_M)
     tok = t_start + offs_m
     mmask = tok < t_end
-    # q rows (token, head) flattened: [BLOCK_M * H, D]
-    q_rows = (tok[:, None] * stride_qt + offs_h[None, :] * D).reshape(BLOCK_M * H)
-    qmask = tl.broadcast_to(mmask[:, None], (BLOCK_M, H)).reshape(BLOCK_M * H)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=qmask[:, None], other=0.0)
-    w = tl.load(W + tok[:, None] * stride_wt + offs_h[None, :], mask=mmask[:, None], other=0.0)
-
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n <= last_pos
-    blk = tl.load(BT + row * stride_bt + offs_n // block_size, mask=nmask, other=0)
-    slot = blk.to(tl.int64) * block_size + offs_n % block_size
-    k = tl.load(KC + slot[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.maximum(s, 0.0).reshape(BLOCK_M, H, BLOCK_N)
-    score = tl.sum(s * w[:, :, None], 1)  # [BLOCK_M, BLOCK_N]
-    if HAS_SCALE:
-        score = score * tl.load(KS + slot, mask=nmask, other=0.0)[None, :]
     pos = pos_start + offs_m
-    score = tl.where(offs_n[None, :] <= pos[:, None], score, float("-inf"))
-    out = OUT + (tok - t0).to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
-    tl.store(out, score, mask=mmask[:, None] & (offs_n[None, :] < stride_ot))
+    out_rows = OUT + (tok - t0).to(tl.int64) * width
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    slot_next = _key_slots(BT + row * stride_bt, offs_n, last_pos, block_size)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        # the block-table hop for the next tile is done one iteration ahead, so the key loads
+        # depend only on loop-carried values and the pipeliner can issue them stages early
+        slot = slot_next
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        slot_next = _key_slots(BT + row * stride_bt, offs_n + BLOCK_N, last_pos, block_size)
+        nmask = offs_n <= last_pos
+        k = tl.load(KC + slot[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(k, tl.trans(q), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M * H_PAD]
+        s = tl.maximum(s, 0.0) * w[None, :]
+        score = tl.sum(tl.reshape(s, (BLOCK_N, BLOCK_M, H_PAD)), 2)  # [BLOCK_N, BLOCK_M]
+        if HAS_SCALE:
+            score = score * tl.load(KS + slot, mask=nmask, other=0.0)[:, None]
+        score = tl.where(offs_n[:, None] <= pos[None, :], score, float("-inf"))
+        tl.store(out_rows[None, :] + offs_n[:, None], score, mask=mmask[None, :])
 
 
 def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_size, block_m,
-                   block_n, num_warps=None, num_stages=3):
-    """Scores [t1 - t0, width] float32 (-inf where masked) of queries t0..t1 (programs ``progs``)."""
+                   block_n, num_warps=None, num_stages=3, tiles_per_prog=None):
+    """Scores [t1 - t0, width] float32 (-inf where masked) of queries t0..t1 (programs ``progs``,
+    from ``programs``). ``width`` is a multiple of ``block_n``."""
     t, h, d = q.shape
     scores = torch.full((t1 - t0, width), float("-inf"), dtype=torch.float32, device=q.device)
-    grid = (progs.shape[0], width // block_n)
+    n_tiles = width // block_n
+    if tiles_per_prog is None:  # long runs amortize the query load and the pipeline's fill
+        # (H100, 4096 x 8K: 32 tiles 0.719 ms, 16 tiles 0.744, 8 tiles 0.810, 4 tiles 0.956),
+        # but keep >= 4 programs per SM (decode: one token a row)
+        tiles_per_prog = 32
+        sms = _sm_count(q.device)
+        while tiles_per_prog > 1 and progs.shape[0] * triton.cdiv(n_tiles, tiles_per_prog) < 4 * sms:
+            tiles_per_prog //= 2
+    h_pad = max(16, triton.next_power_of_2(h))
+    grid = (progs.shape[0], triton.cdiv(n_tiles, tiles_per_prog))
     _indexer_logits_kernel[grid](
         q, weights, kc, ks if ks is not None else weights, block_table, progs, scores,
-        q.stride(0), weights.stride(0), block_table.stride(0), scores.stride(0),
-        t0, block_size,
-        H=h, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SCALE=ks is not None,
+        q.stride(0), weights.stride(0), block_table.stride(0), width,
+        t0, block_size, tiles_per_prog,
+        H=h, H_PAD=h_pad, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SCALE=ks is not None,
         IEEE=q.dtype == torch.float32,
-        num_warps=num_warps or (4 if block_m * h <= 64 else 8), num_stages=num_stages,
+        num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8), num_stages=num_stages,
     )
     return scores
 
 
-def _programs(cu: list[int], lens: list[int], t0: int, t1: int, block_m: int, device) -> torch.Tensor:
-    """(row, t_start, t_end, pos_start) for every BLOCK_M run of tokens of one sequence in [t0, t1)."""
-    progs = []
-    for r in range(len(lens)):
-        a, b = max(cu[r], t0), min(cu[r + 1], t1)
-        first_pos = lens[r] - (cu[r + 1] - cu[r])
-        for s in range(a, b, block_m):
-            progs.append((r, s, min(s + block_m, b), first_pos + (s - cu[r])))
-    return torch.tensor(progs, dtype=torch.int32, device=device).view(-1, 4)
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs(cu_seqlens_q, rows, pos, t0: int, t1: int, block_m: int) -> torch.Tensor:
+    """Launch table int32 [n, 4]: (row, t_start, t_end, pos_start) for every run of up to
+    ``block_m`` tokens of one sequence within [t0, t1) (``rows``/``pos``: every packed token's
+    sequence and position). n = cdiv(t1 - t0, block_m) + R, the rows past the runs being empty
+    programs (t_start == t_end, position -1); n = t1 - t0 when ``block_m`` is 1. Built on the
+    device without a host sync: n follows from shapes alone."""
+    device = rows.device
+    if block_m == 1:  # every token is a run: four small launches (decode steps run this)
+        tok = torch.arange(t0, t1, device=device)
+        return torch.stack([rows[t0:t1], tok, tok + 1, pos[t0:t1]], 1).to(torch.int32)
+    n = triton.cdiv(t1 - t0, block_m) + cu_seqlens_q.shape[0] - 1
+    table = torch.zeros((n + 1, 4), dtype=torch.int32, device=device)  # the last row: a dump
+    table[:, 3] = -1
+    cu = cu_seqlens_q.long()
+    rows, pos = rows[t0:t1], pos[t0:t1]
+    tok = torch.arange(t0, t1, device=device)
+    first = cu[rows].clamp_min(t0)  # runs restart at t0 (a chunk boundary)
+    start = (tok - first) % block_m == 0
+    end = torch.minimum(tok + block_m, cu[rows + 1].clamp_max(t1))
+    slot = torch.where(start, start.long().cumsum(0) - 1, n)
+    table[slot] = torch.stack([rows, tok, end, pos], 1).to(torch.int32)
+    return table[:n]
 
 
 def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
@@ -101,8 +151,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
                  block_n: int | None = None, max_chunk_elements: int = 1 << 26):
     """The ``dsa.indexer_topk`` op (see dsa_ascend/ops.py): indices int32 [T, topk] with -1
     padding (valid entries first, ascending positions) and their float32 scores. With
-    ``max_seqlen_k`` (host metadata) and one token per program, the launch is planned on the
-    device: no host sync, so a decode step can be captured in a CUDA graph."""
+    ``max_seqlen_k`` (host metadata) there is no host sync (the launch is planned on the device),
+    so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k)."""
     t, h, d = q.shape
     device = q.device
     indices = torch.full((t, topk), -1, dtype=torch.int32, device=device)
@@ -110,27 +160,13 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
     if t == 0:
         return indices, values
     ieee = q.dtype == torch.float32
-    if block_m is None:  # tl.dot needs M = block_m * h >= 16; 64 heads x 1 token was fastest
-        block_m = max(1, (16 if ieee else 64) // h)
+    if block_m is None:  # decode: one token a sequence; prefill: runs of tokens share key tiles
+        block_m = 1 if t <= cu_seqlens_q.shape[0] - 1 else 2
     if block_n is None:
         block_n = 32 if ieee else 128
-    if max_seqlen_k is not None and block_m == 1:
-        # (row, t, t + 1, position) per token, from device tensors; the output size is T
-        rows = paging.token_rows(cu_seqlens_q, t)
-        pos = paging.query_positions(cu_seqlens_q, seqlens_k, t)
-        tok = torch.arange(t, device=device)
-        all_progs = torch.stack([rows, tok, tok + 1, pos], 1).to(torch.int32)
-        max_len = max_seqlen_k
-
-        def programs(t0, t1):
-            return all_progs[t0:t1]
-    else:
-        cu, lens = cu_seqlens_q.tolist(), seqlens_k.tolist()  # one sync: the grid needs them
-        pos = _positions(cu, lens, device)
-        max_len = max(lens)
-
-        def programs(t0, t1):
-            return _programs(cu, lens, t0, t1, block_m, device)
+    max_len = max_seqlen_k if max_seqlen_k is not None else int(seqlens_k.max())
+    rows = paging.token_rows(cu_seqlens_q, t)
+    pos = paging.query_positions(cu_seqlens_q, seqlens_k, t)
     q = q.contiguous()
     weights = weights.contiguous()
     kc = k_cache.reshape(-1, d)
@@ -139,7 +175,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
     chunk = max(1, max_chunk_elements // width)
     for t0 in range(0, t, chunk):
         t1 = min(t0 + chunk, t)
-        scores = indexer_logits(q, weights, kc, ks, block_table, programs(t0, t1), t0, t1, width,
+        progs = programs(cu_seqlens_q, rows, pos, t0, t1, block_m)
+        scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
                                 k_cache.shape[1], block_m, block_n)
         # clamp: a max_seqlen_k below a real length (a broken contract) must not read past a row
         row_len = (pos[t0:t1] + 1).clamp_max(width).to(torch.int32)
@@ -148,8 +185,3 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         values[t0:t1] = torch.where(idx >= 0, scores.gather(1, idx.clamp_min(0).long()),
                                     float("-inf"))
     return indices, values
-
-
-def _positions(cu: list[int], lens: list[int], device) -> torch.Tensor:
-    return torch.cat([torch.arange(lens[r] - (cu[r + 1] - cu[r]), lens[r])
-                      for r in range(len(lens))]).to(device)

@@ -16,7 +16,7 @@ import torch
 triton = pytest.importorskip("triton")  # conftest set TRITON_INTERPRET=1 when there is no GPU
 ON_GPU = torch.cuda.is_available()
 
-from dsa_ascend import kv_fp8  # noqa: E402
+from dsa_ascend import kv_fp8, paging  # noqa: E402
 from dsa_ascend.backends import reference as ref  # noqa: E402
 from dsa_ascend.backends.cuda import kernels  # noqa: E402
 from dsa_ascend.quant import quantize_fp8_blocks  # noqa: E402
@@ -49,7 +49,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _sparse_mla_case(seed, t, h, k_sel, dtype, kv_len=None, pad_frac=0.2, splits=None):
+def _sparse_mla_case(seed, t, h, k_sel, dtype, kv_len=None, pad_frac=0.2, splits=None, impl=None):
     g = _gen(seed)
     rows = 2
     kv_len = kv_len or max(8, k_sel)
@@ -64,7 +64,7 @@ def _sparse_mla_case(seed, t, h, k_sel, dtype, kv_len=None, pad_frac=0.2, splits
     q, cache = q.to(dtype), cache.to(dtype)
     scale = 576 ** -0.5
     out, lse = K.sparse_mla_fwd(q.to(DEV), cache.to(DEV), idx.to(DEV), table.to(DEV),
-                                token_row.to(DEV), scale, 512, num_splits=splits)
+                                token_row.to(DEV), scale, 512, num_splits=splits, impl=impl)
     # float64 reference on the same (rounded) inputs
     r_out, r_lse = ref._sparse_attention(q.double(), cache.double(), idx, table, token_row.long(),
                                          scale, 512)
@@ -91,6 +91,40 @@ def test_sparse_mla_matches_reference(t, h, k_sel, splits, dtype):
     assert torch.isfinite(out).all()
     assert _rel(out.float(), r_out) <= _bound(dtype, inputs)
     assert (lse.double() - r_lse).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the sm90 (Gluon) kernel needs a Hopper GPU; Gluon has no interpreter")
+@pytest.mark.parametrize("impl", ["sm90", "triton"])
+def test_sparse_mla_both_kernels_on_gpu(impl):
+    """Both sparse MLA kernels at real sizes (the default picks sm90 on Hopper; the Triton kernel
+    must stay right for other GPUs): ragged -1 padding, splits, a head count not a multiple of 64."""
+    if impl == "sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    for i, (t, h, k_sel, kv_len, splits) in enumerate([(33, 128, 2048, 5000, None), (5, 64, 700, 900, 3),
+                                                       (4, 96, 300, 300, 1), (2, 128, 2048, 40, None)]):
+        out, lse, r_out, r_lse, inputs = _sparse_mla_case(90 + i, t, h, k_sel, LOWP, kv_len=kv_len,
+                                                          splits=splits, impl=impl)
+        assert torch.isfinite(out).all()
+        assert _rel(out.float(), r_out) <= _bound(LOWP, inputs), (impl, t, h, k_sel, splits)
+        assert (lse.double() - r_lse).abs().max() <= 2e-2, (impl, t, h, k_sel, splits)
+
+
+def test_sparse_mla_impl_argument():
+    args = _sparse_mla_args()
+    with pytest.raises(ValueError, match="impl must be None, 'sm90' or 'triton'"):
+        K.sparse_mla_fwd(*args, impl="cutlass")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="impl='sm90' needs a Hopper GPU"):
+            K.sparse_mla_fwd(*args, impl="sm90")
+
+
+def _sparse_mla_args():
+    g = _gen(3)
+    cache, table = _paged([40], 576, 16, g)
+    q = torch.randn(2, 64, 576, generator=g).to(LOWP)
+    idx = torch.randint(0, 40, (2, 8), generator=g).int()
+    return (q.to(DEV), cache.to(LOWP).to(DEV), idx.to(DEV), table.to(DEV),
+            torch.zeros(2, dtype=torch.int32, device=DEV), 576 ** -0.5, 512)
 
 
 def test_sparse_mla_more_slots_than_keys():
@@ -191,7 +225,7 @@ def test_topk_sweep():
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
 
 
-def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8):
+def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8, **kw):
     g = _gen(seed)
     d = 128
     t = sum(q_lens)
@@ -215,7 +249,7 @@ def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8):
         kq, kc = q.to(LOWP), cache.to(LOWP)
     g_idx, g_val = K.indexer_topk(kq.to(DEV), w.to(DEV), kc.to(DEV),
                                   ks.to(DEV) if ks is not None else None, table.to(DEV),
-                                  cu.to(DEV), sk.to(DEV), topk)
+                                  cu.to(DEV), sk.to(DEV), topk, **kw)
     ref_all = ref.indexer_topk(q, w, cache, ks, table, cu, sk, max(kv_lens))  # every key's score
     return g_idx.cpu(), g_val.cpu(), r_idx, r_val, ref_all
 
@@ -226,6 +260,10 @@ def test_indexer_topk_matches_reference(fp8):
     q_lens, kv_lens = ([300, 1, 2], [4000, 1777, 2]) if ON_GPU else ([20, 1, 2], [60, 37, 2])
     topk = 2048 if ON_GPU else 16
     g_idx, g_val, r_idx, r_val, ref_all = _indexer_case(3, q_lens, kv_lens, h, topk, fp8)
+    _assert_close_topk(g_idx, g_val, r_idx, r_val, ref_all)
+
+
+def _assert_close_topk(g_idx, g_val, r_idx, r_val, ref_all):
     # -1 padding exactly where fewer keys than topk are visible, and causality
     assert torch.equal((g_idx < 0).sum(1), (r_idx < 0).sum(1))
     # Compare by score: FP8 tensor-core accumulation (about 14 mantissa bits on Hopper) and
@@ -241,14 +279,52 @@ def test_indexer_topk_matches_reference(fp8):
     picked = score.gather(1, g_idx.long().clamp_min(0))
     ok = (picked >= (kth - tol)[:, None]) | (g_idx < 0)
     assert ok.all(), (~ok).nonzero()[:5]
+    # the returned values are the selected keys' scores
+    close = ((g_val.double() - picked).abs() <= tol[:, None]) | (g_idx < 0)
+    assert close.all(), (~close).nonzero()[:5]
     same = sum(sorted(a.tolist()) == sorted(b.tolist()) for a, b in zip(g_idx, r_idx))
     print(f"identical top-k sets: {same}/{len(g_idx)} rows")
 
 
+@pytest.mark.parametrize("block_m", [1, 2, 4])
+def test_indexer_token_runs_and_chunks(block_m):
+    """Runs of block_m query tokens share key tiles; runs never cross a sequence and restart at
+    every chunk boundary (a small max_chunk_elements forces several chunks)."""
+    h = 64 if ON_GPU else 8
+    q_lens, kv_lens = ([37, 1, 5, 130], [900, 1, 5, 2100]) if ON_GPU else ([7, 1, 5, 3], [40, 1, 5, 19])
+    topk = 256 if ON_GPU else 8
+    chunk = 2 ** 18 if ON_GPU else 7 * 64  # tokens a chunk: 2^18 / 2176 and 448 / 64
+    for fp8 in (True, False):
+        got = _indexer_case(5, q_lens, kv_lens, h, topk, fp8, block_m=block_m,
+                            max_chunk_elements=chunk)
+        _assert_close_topk(*got)
+
+
+def test_indexer_launch_table():
+    """The device-built launch table against a plain enumeration of the runs."""
+    q_lens, kv_lens = [3, 1, 6, 2], [10, 4, 6, 9]
+    cu = torch.tensor([0, 3, 4, 10, 12], dtype=torch.int32, device=DEV)
+    sk = torch.tensor(kv_lens, dtype=torch.int32, device=DEV)
+    rows = paging.token_rows(cu, 12)
+    pos = paging.query_positions(cu, sk, 12)
+    for block_m in (1, 2, 4):
+        for t0, t1 in ((0, 12), (2, 9), (5, 6)):
+            want = []
+            for r, (a, b) in enumerate(zip(cu.tolist()[:-1], cu.tolist()[1:])):
+                a, b = max(a, t0), min(b, t1)
+                for s in range(a, b, block_m):
+                    want.append([r, s, min(s + block_m, b), kv_lens[r] - q_lens[r] + s - cu.tolist()[r]])
+            got = K.indexer.programs(cu, rows, pos, t0, t1, block_m).cpu()
+            real = got[got[:, 2] > got[:, 1]].tolist()
+            assert real == want, (block_m, t0, t1)
+            empty = got[got[:, 2] <= got[:, 1]]
+            assert (empty[:, 3] == -1).all() and (empty[:, 1] == empty[:, 2]).all()
+
+
 def test_indexer_topk_device_planned_launch_is_identical():
-    """With ``max_seqlen_k`` (host metadata) and one token per program the launch is planned on
-    the device, without a host sync: the output is the host-planned one, bit for bit, also when
-    the bound exceeds the longest sequence (wider, masked score rows)."""
+    """With ``max_seqlen_k`` (host metadata) there is no host sync: the output is, bit for bit,
+    that of the call without it (which reads max(seqlens_k) back), also when the bound exceeds
+    the longest sequence (wider, masked score rows)."""
     g = _gen(17)
     h, d, topk = 16, 128, (2048 if ON_GPU else 16)
     q_lens, kv_lens = ([1, 3, 1, 2], [3000, 700, 1, 2]) if ON_GPU else ([1, 3, 1, 2], [70, 33, 1, 2])
