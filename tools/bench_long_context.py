@@ -99,7 +99,7 @@ def dense_prefill(layer, cos, sin, ctx_len):
     """Same projections; dense causal attention in the MHA form through SDPA."""
     c = layer.ctx.config
     x = torch.randn(ctx_len, c.dim, device=DEV, dtype=BF16)
-    w = layer.kv_b_heads().to(BF16)  # [H, nope + v, latent]
+    w = layer.kv_b_heads(BF16)  # [H, nope + v, latent]
     h, nope, rope, vd = layer.n_heads, layer.nope, layer.rope_dim, layer.v_dim
     cs, sn = cos[:ctx_len], sin[:ctx_len]
 
@@ -171,7 +171,7 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     table = cache.block_table[:batch]
     idx = torch.arange(ctx_len, device=DEV, dtype=torch.int32)[None].expand(batch, -1).contiguous()
     rows = torch.arange(batch, device=DEV, dtype=torch.int32)
-    w = layer.kv_b_heads()
+    w = layer.kv_b_heads(BF16)
     h, nope, rope = layer.n_heads, layer.nope, layer.rope_dim
     cs, sn = cos[ctx_len - 1:ctx_len].expand(batch, -1), sin[ctx_len - 1:ctx_len].expand(batch, -1)
     kv = cache.layers[0].kv
@@ -188,10 +188,10 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
         q_pe = apply_rope_interleaved(q_pe, cs[:, None], sn[:, None])
         latent, k_pe = layer.kv_a_proj_with_mqa(x).split([layer.latent, rope], -1)
         layer.kv_a_layernorm(latent)  # the new entry (its write is not timed on either side)
-        q_abs = torch.einsum("thd,hdc->thc", q_nope.float(), w[:, :nope])
-        o = attention(torch.cat([q_abs.to(BF16), q_pe], -1))
-        o = torch.einsum("thc,hdc->thd", o.float(), w[:, nope:])
-        return layer.o_proj(o.flatten(1).to(BF16))
+        q_abs = torch.einsum("thd,hdc->thc", q_nope, w[:, :nope])  # as the layer does it
+        o = attention(torch.cat([q_abs, q_pe], -1))
+        o = torch.einsum("thc,hdc->thd", o, w[:, nope:])
+        return layer.o_proj(o.flatten(1))
 
     q_only = torch.randn(batch, h, 576, device=DEV, dtype=BF16)
     ms_attn = do_bench(lambda: attention(q_only), warmup=10, rep=200, return_mode="median")
