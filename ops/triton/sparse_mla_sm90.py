@@ -111,12 +111,12 @@ if _GLUON:
         for i in range(0, n_tiles):
             kb = k_lo + i * BLOCK_K
             buf = i % 2
-            async_copy.wait_group(0)  # this thread's copies of tile i have landed ...
-            gl.thread_barrier()  # ... and every thread's; all are done with tile i - 1 too
+            async_copy.wait_group(0)  # this thread's copies of tile i have landed;
+            fence_async_shared()  # they are made visible to the wgmma (async) proxy ...
+            gl.thread_barrier()  # ... as are every thread's; all are done with tile i - 1 too
             # the next tile's gather overlaps this tile's MMAs (its buffer held tile i - 1)
             _gather(KV, slot_base, kb + BLOCK_K, k_hi, kk_n, d_n, kk_r, d_r,
                     kv_nope_s.index(1 - buf), kv_pe_s.index(1 - buf), D_NOPE, ROW_WIDTH)
-            fence_async_shared()
             kv_n = kv_nope_s.index(buf)
             kv_r = kv_pe_s.index(buf)
             s = warpgroup_mma(q_nope_s, kv_n.permute((1, 0)), s_zero, use_acc=False, is_async=True)
