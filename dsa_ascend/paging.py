@@ -16,9 +16,11 @@ def token_rows(cu_seqlens_q: Tensor, total: Optional[int] = None) -> Tensor:
                                    output_size=total)
 
 
-def query_positions(cu_seqlens_q: Tensor, seqlens_k: Tensor, total: Optional[int] = None) -> Tensor:
-    """[T] int64 absolute position of each packed query token (its own key is the last visible)."""
-    rows = token_rows(cu_seqlens_q, total)
+def query_positions(cu_seqlens_q: Tensor, seqlens_k: Tensor, total: Optional[int] = None,
+                    rows: Optional[Tensor] = None) -> Tensor:
+    """[T] int64 absolute position of each packed query token (its own key is the last visible).
+    ``rows``: ``token_rows(cu_seqlens_q, total)`` where the caller has it already."""
+    rows = token_rows(cu_seqlens_q, total) if rows is None else rows
     t = torch.arange(rows.numel(), device=rows.device)
     start = (seqlens_k.long() - (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long())
     return start[rows] + (t - cu_seqlens_q[:-1].long()[rows])

@@ -8,6 +8,8 @@ all-reduce over all ranks sums the routed and shared partial outputs.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -67,9 +69,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         token_of, slot_of = order // self.gate.top_k + first, order % self.gate.top_k
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
+        offsets = list(itertools.accumulate(counts, initial=0))
         for e in self.local_experts:
             if counts[e]:
                 token, slot = token_of[offsets[e]:offsets[e + 1]], slot_of[offsets[e]:offsets[e + 1]]

@@ -155,10 +155,9 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
     so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k)."""
     t, h, d = q.shape
     device = q.device
-    indices = torch.full((t, topk), -1, dtype=torch.int32, device=device)
-    values = torch.full((t, topk), float("-inf"), dtype=torch.float32, device=device)
     if t == 0:
-        return indices, values
+        return (torch.empty((0, topk), dtype=torch.int32, device=device),
+                torch.empty((0, topk), dtype=torch.float32, device=device))
     ieee = q.dtype == torch.float32
     if block_m is None:  # decode: one token a sequence; prefill: runs of tokens share key tiles
         block_m = 1 if t <= cu_seqlens_q.shape[0] - 1 else 2
@@ -166,13 +165,14 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         block_n = 32 if ieee else 128
     max_len = max_seqlen_k if max_seqlen_k is not None else int(seqlens_k.max())
     rows = paging.token_rows(cu_seqlens_q, t)
-    pos = paging.query_positions(cu_seqlens_q, seqlens_k, t)
+    pos = paging.query_positions(cu_seqlens_q, seqlens_k, t, rows=rows)
     q = q.contiguous()
     weights = weights.contiguous()
     kc = k_cache.reshape(-1, d)
     ks = k_scale.reshape(-1) if k_scale is not None else None
     width = triton.cdiv(max_len, block_n) * block_n
     chunk = max(1, max_chunk_elements // width)
+    parts = []
     for t0 in range(0, t, chunk):
         t1 = min(t0 + chunk, t)
         progs = programs(cu_seqlens_q, rows, pos, t0, t1, block_m)
@@ -181,7 +181,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # clamp: a max_seqlen_k below a real length (a broken contract) must not read past a row
         row_len = (pos[t0:t1] + 1).clamp_max(width).to(torch.int32)
         idx = select_topk(scores, row_len, topk)
-        indices[t0:t1] = idx
-        values[t0:t1] = torch.where(idx >= 0, scores.gather(1, idx.clamp_min(0).long()),
-                                    float("-inf"))
-    return indices, values
+        parts.append((idx, torch.where(idx >= 0, scores.gather(1, idx.clamp_min(0).long()),
+                                       float("-inf"))))
+    if len(parts) == 1:  # decode and short prefill: no copy into a joined output
+        return parts[0]
+    return torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])
