@@ -139,9 +139,9 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     """q [T, H, 576], kv_cache [blocks, block_size, 576] (float) or [blocks, block_size, 656]
     (uint8, the FP8 format of dsa_ascend/kv_fp8.py), indices int32 [T, K] (positions),
     block_table int32 [R, max_blocks], token_row int32 [T] -> (out [T, H, d_v], lse [T, H]).
-    ``impl``: "sm90" (the Gluon kernel of sparse_mla_sm90.py), "triton", or None: sm90 where
-    it serves the inputs (Hopper, 16-bit q and cache, >= 64 heads, default tiles) and measured
-    faster (decode-sized launches, fewer than 1024 tokens: +13% at B=64; -3% at 4096 tokens)."""
+    ``impl``: "sm90" (the warp-specialized Gluon kernel of sparse_mla_sm90.py), "triton", or None:
+    sm90 wherever it serves the inputs (Hopper, 16-bit q and cache of one dtype, d_v 512, rope 64,
+    >= 64 heads) unless Triton tiles (block_h/block_k/num_warps/num_stages) are given."""
     t, h, d = q.shape
     d_rope = d - d_v
     assert d_v & (d_v - 1) == 0 and d_rope & (d_rope - 1) == 0, "d_v and the rope width must be powers of 2"
@@ -154,6 +154,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     q = q.contiguous()
     kv = kv_cache.contiguous()
     ieee = q.dtype == torch.float32
+    block_h_arg, block_k_arg, num_warps_arg = block_h, block_k, num_warps
     if block_h is None:
         block_h = 64 if h >= 64 else max(16, triton.next_power_of_2(h))
     if block_k is None:
@@ -176,8 +177,10 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     if impl == "sm90" and not sm90_ok:
         raise ValueError("sparse_mla_fwd: impl='sm90' needs a Hopper GPU, Gluon, 16-bit q and "
                          "cache of one dtype, d_v 512 and rope 64")
-    use_sm90 = impl == "sm90" or (impl is None and sm90_ok and t < 1024 and block_h == 64
-                                  and block_k == 64 and num_warps == 8 and num_stages is None)
+    # The sm90 kernel is warp-specialized with its own fixed tiles: the default wherever it serves
+    # the inputs and no Triton tiling was asked for (H100: 1.65x prefill, 1.6x decode, BENCHMARKS.md).
+    default_tiles = all(x is None for x in (block_h_arg, block_k_arg, num_warps_arg, num_stages))
+    use_sm90 = k > 0 and (impl == "sm90" or (impl is None and sm90_ok and h >= 64 and default_tiles))
     slots = cache_slots(indices, block_table, token_row, kv.shape[1])
     if t and use_sm90:
         sparse_mla_sm90.launch(q, kv, slots, out, lse, h, k, k_per_split, scale * LOG2E, d_v,

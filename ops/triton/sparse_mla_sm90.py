@@ -1,18 +1,32 @@
-"""Sparse MLA forward for Hopper (sm90) in Gluon: the contract of ``sparse_mla._sparse_mla_fwd_kernel``
-(bf16/fp16 latent cache, 64 heads a program, 64 entries a tile) with the layouts set by hand.
+"""Sparse MLA forward for Hopper (sm90) in Gluon, warp-specialized: the contract of
+``sparse_mla._sparse_mla_fwd_kernel`` (bf16/fp16 latent cache, 64 heads a CTA) on FlashMLA's
+sparse-prefill schedule, written from its published design (csrc/sm90/prefill/sparse).
 
-For S = Q K^T (64 heads x 64 entries) feeding P V, Triton puts all 8 warps along the heads (its
-"chained dot" rule) but sizes the wgmma for warps split along the keys: each warpgroup computes
-the whole S with two n=32 instructions, reading Q (72 KB) from shared memory twice a tile. Here
-each warpgroup computes S with one n=64 instruction; the softmax stays warp-local and P is already
-laid out as the A operand of P V (warps [4, 2], n=256: each warpgroup owns 256 of the 512 output
-columns). The gathers are ``cp.async`` into a two-stage ring issued by hand one tile ahead.
-H100, same process (BENCHMARKS.md): decode B=64/128 at 32K 0.153/0.293 ms against the Triton
-kernel's 0.173/0.327 (+13%); prefill 4096 x 2048 entries 8.28 ms against 8.06 (-3%), so
-``sparse_mla_fwd`` uses this kernel for decode-sized launches only. Tried: S split over the keys
-between the warpgroups (one n=32 instruction each, half the shared-memory reads, the softmax's
-row max and sum combined across warpgroups): 9.84 ms, slower; those cross-warpgroup exchanges
-stall both warpgroups every tile.
+A CTA takes 64 heads of one token and walks its selected entries two 64-entry tiles (K0, K1) at
+a time, with three warpgroups:
+- producer (4 warps, 56 registers): gathers the tiles' cache rows with ``cp.async`` into two
+  buffers, each in halves (latent columns 0-255 = "L"; 256-511 plus rope = "R") that complete on
+  their own mbarriers, in the order they are consumed; a round's row numbers are fetched a round
+  ahead and staged through shared memory;
+- warpgroup 0 (224 registers) computes S0 = Q K0^T and owns O[:, :256];
+- warpgroup 1 computes S1 = Q K1^T and owns O[:, 256:].
+So no S is computed twice (the earlier single-partition kernels computed it in both warpgroups:
+13.6 instead of 8.9 MFLOP a tile) and each P V is an n=256 wgmma. A round, per warpgroup:
+WG0 softmax(S0) with its running max -> max to shared -> O_L += P0 V0_L (P0 from registers);
+WG1 softmax(S1) against that max -> the pair's max m1 -> O_R += P1 V1_R; WG0 rebases P0 and O_L
+onto m1 and stores P0 (in K0's rope rows, dead by then); WG1 stores P1; then O_R += P0 V0_R and
+O_L += P1 V1_L from shared memory, and WG0 issues the next S0 behind its last P V. Both O halves
+and row sums end on the same max; the sums are added at the end. mbarriers carry every hand-off
+(a partition barrier then one arrival); the wgmma views are indexed at a loop-variant 0 so their
+~80 64-bit descriptors are built per round instead of hoisted and spilled (1024 -> 12 bytes of
+spills, 1.5x faster).
+H100, same process (BENCHMARKS.md, session 6): prefill 4096 x 2048 entries 4.71-4.97 ms = 470-496
+TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.109 / 0.198 ms against
+0.173 / 0.329. With the gathers skipped (timing only) prefill runs at 649 TFLOPS: the rest
+is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two tiles and P1
+take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
+the rows are shared by the CTAs of many tokens).
+Tried: an L2 prefetch of the next round's rows (decode 0.132 against 0.109 ms, prefill 3% slower).
 
 Gluon has no interpreter: on a CPU the Triton kernel runs; ``available()`` says whether this one can.
 """
@@ -26,9 +40,11 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it the portable Triton kernel is used
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mbarrier as _mbarrier_v2
     from triton.experimental.gluon.language.nvidia.hopper import (
         async_copy,
         fence_async_shared,
+        mbarrier,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -47,6 +63,272 @@ def available(q: torch.Tensor, kv: torch.Tensor) -> bool:
 
 
 if _GLUON:
+    M_INIT = gl.constexpr(-1.0e30)  # a finite start for the running max: masked rows stay NaN-free
+    # registers a thread: the kernel's 168 (one CTA of 12 warps a SM) are redistributed with
+    # setmaxnreg, as FlashMLA does: 224 for each consumer warpgroup, 56 for the producer
+    WG_REGS = gl.constexpr(224)
+    PRODUCER_REGS = gl.constexpr(56)
+
+    @gluon.jit
+    def _signal(bar):
+        """Every thread of this warpgroup is past its prior work; one arrival releases it."""
+        gl.thread_barrier()
+        _mbarrier_v2.arrive(bar)
+
+
+    @gluon.jit
+    def _acquire(bar, phase):
+        mbarrier.wait(bar, phase)
+        fence_async_shared()  # the cp.async (generic proxy) rows are read by wgmma (async proxy)
+
+
+    @gluon.jit
+    def _valid(SLOT, slot_base, kb, k_hi, BLOCK_K: gl.constexpr, layout: gl.constexpr):
+        offs = kb + gl.arange(0, BLOCK_K, layout=layout)
+        return gl.load(slot_base + offs, mask=offs < k_hi, other=-1) >= 0
+
+
+    @gluon.jit
+    def _online_softmax(s, valid, m_ref, m_own, l_i, acc, scale_log2, o_layout: gl.constexpr):
+        s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = gl.maximum(m_ref, gl.max(s, 1))
+        alpha = gl.exp2(m_own - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        return p, m_new, l_i, acc
+
+
+    @gluon.jit
+    def _store_out(acc, l_tot, OUT, o_base, h0, H, stride_oh, col0, HALF: gl.constexpr,
+                   o_layout: gl.constexpr):
+        l_safe = gl.where(l_tot == 0.0, 1.0, l_tot)
+        inv = gl.convert_layout(gl.where(l_tot == 0.0, 0.0, 1.0 / l_safe), gl.SliceLayout(1, o_layout))
+        out = acc * inv[:, None]
+        h_o = h0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, o_layout))
+        d_o = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+        gl.store(OUT + o_base + h_o[:, None] * stride_oh + d_o[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(h_o < H)[:, None])
+
+    @gluon.jit
+    def _wg0_pair(s, valid, j, acc, m_i, l_i, scale_log2, k0, s0_s, m_s, k_free, xbar,
+                  o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Warpgroup 0's part of tile pair j up to P1 V1: softmax of S0 against its last max,
+        O += P0 V0[:, :256], then P0 and O rebased onto the pair's max (set by warpgroup 1)."""
+        HALF: gl.constexpr = k0.shape[1] // 2
+        dtype: gl.constexpr = k0.dtype
+        phase = j & 1
+        p, m_new, l_i, acc = _online_softmax(s, valid, m_i, m_i, l_i, acc, scale_log2, o_layout)
+        m_s.store(m_new)
+        _signal(xbar.index(0))
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), k0.slice(0, HALF, 1), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _signal(k_free.index(0))
+        mbarrier.wait(xbar.index(1), phase)
+        m1 = m_s.load(m_new.type.layout)
+        corr = gl.exp2(m_new - m1)
+        s0_s.store((p * corr[:, None]).to(dtype))
+        fence_async_shared()
+        _signal(xbar.index(2))
+        l_i = l_i * corr
+        acc = acc * gl.convert_layout(corr, gl.SliceLayout(1, o_layout))[:, None]
+        mbarrier.wait(xbar.index(3), phase)
+        return acc, m1, l_i
+
+    @gluon.jit
+    def _wg0(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+             q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+             slot_s, KV, ROW_WIDTH):
+        """Warpgroup 0: S for the even tiles, O[:, :256]; the first of each tile pair's softmax."""
+        BLOCK_H: gl.constexpr = q_nope_s.shape[1]
+        D_NOPE: gl.constexpr = q_nope_s.shape[2]
+        BLOCK_K: gl.constexpr = k_nope_s.shape[1]
+        HALF: gl.constexpr = D_NOPE // 2
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_K, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
+
+        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_layout)
+        m_i = gl.full([BLOCK_H], M_INIT, gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=row_s)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        z = rounds >> 30
+        k0 = k_nope_s.index(z)
+        q_rope = q_rope_s.index(z)
+        qL = q_nope_s.index(z).slice(0, HALF, 1)
+        qR = q_nope_s.index(z).slice(HALF, HALF, 1)
+        _acquire(k_ready.index(0), 0)
+        s = warpgroup_mma(qL, k0.slice(0, HALF, 1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _acquire(k_ready.index(1), 0)
+        s = warpgroup_mma(qR, k0.slice(HALF, HALF, 1).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma(q_rope, k_rope_s.index(z).permute((1, 0)), s, is_async=True)
+        valid = _valid(SLOT, slot_base, k_lo, k_hi, BLOCK_K, gl.SliceLayout(0, s_layout))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        for j in range(rounds - 1):
+            # views at an index that is 0 but loop-variant: their wgmma descriptors are built per
+            # round instead of ~80 hoisted 64-bit values spilling to local memory
+            z = j >> 30
+            k0 = k_nope_s.index(z)
+            k1 = k_nope_s.index(z + 1)
+            s0_s = k_rope_s.index(z)  # P0 lives in K0's rope rows, dead once S0 is done
+            q_rope = q_rope_s.index(z)
+            qL = q_nope_s.index(z).slice(0, HALF, 1)
+            qR = q_nope_s.index(z).slice(HALF, HALF, 1)
+            acc, m_i, l_i = _wg0_pair(s, valid, j, acc, m_i, l_i, scale_log2, k0, s0_s, m_s, k_free,
+                                      xbar, o_layout, p_layout)
+            acc = warpgroup_mma(s1_s.index(z), k1.slice(0, HALF, 1), acc, is_async=True)
+            valid = _valid(SLOT, slot_base, k_lo + 2 * (j + 1) * BLOCK_K, k_hi, BLOCK_K,
+                           gl.SliceLayout(0, s_layout))
+            # the next S0 overlaps this P1 V1
+            _acquire(k_ready.index(0), (j & 1) ^ 1)
+            s = warpgroup_mma(qL, k0.slice(0, HALF, 1).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            _signal(k_free.index(2))
+            _acquire(k_ready.index(1), (j & 1) ^ 1)
+            s = warpgroup_mma(qR, k0.slice(HALF, HALF, 1).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma(q_rope, k_rope_s.index(z).permute((1, 0)), s, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        z = rounds >> 30
+        acc, m_i, l_i = _wg0_pair(s, valid, rounds - 1, acc, m_i, l_i, scale_log2, k_nope_s.index(z),
+                                  k_rope_s.index(z), m_s, k_free, xbar, o_layout, p_layout)
+        acc = warpgroup_mma(s1_s.index(z), k_nope_s.index(z + 1).slice(0, HALF, 1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _signal(k_free.index(2))
+        l_s.slice(0 * BLOCK_H, BLOCK_H).store(l_i)
+        _signal(xbar.index(4))
+        mbarrier.wait(xbar.index(5), 0)
+        l_tot = l_i + l_s.slice(1 * BLOCK_H, BLOCK_H).load(row_s)
+        _store_out(acc, l_tot, OUT, o_base, h0, H, stride_oh, 0, HALF, o_layout)
+
+    @gluon.jit
+    def _wg1(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+             q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+             slot_s, KV, ROW_WIDTH):
+        """Warpgroup 1: S for the odd tiles, O[:, 256:]; the second softmax of each pair sets the max."""
+        BLOCK_H: gl.constexpr = q_nope_s.shape[1]
+        D_NOPE: gl.constexpr = q_nope_s.shape[2]
+        BLOCK_K: gl.constexpr = k_nope_s.shape[1]
+        HALF: gl.constexpr = D_NOPE // 2
+        dtype: gl.constexpr = q_nope_s.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_K, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
+
+        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_layout)
+        m_i = gl.full([BLOCK_H], M_INIT, gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=row_s)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        for j in range(rounds):
+            phase = j & 1
+            kb = k_lo + (2 * j + 1) * BLOCK_K
+            z = j >> 30  # loop-variant views (see warpgroup 0)
+            k0 = k_nope_s.index(z)
+            k1 = k_nope_s.index(z + 1)
+            s0_s = k_rope_s.index(z)
+            qL = q_nope_s.index(z).slice(0, HALF, 1)
+            qR = q_nope_s.index(z).slice(HALF, HALF, 1)
+            _acquire(k_ready.index(3), phase)
+            s = warpgroup_mma(qR, k1.slice(HALF, HALF, 1).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+            s = warpgroup_mma(q_rope_s.index(z), k_rope_s.index(z + 1).permute((1, 0)), s, is_async=True)
+            _acquire(k_ready.index(2), phase)
+            s = warpgroup_mma(qL, k1.slice(0, HALF, 1).permute((1, 0)), s, is_async=True)
+            valid = _valid(SLOT, slot_base, kb, k_hi, BLOCK_K, gl.SliceLayout(0, s_layout))
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            mbarrier.wait(xbar.index(0), phase)
+            m0 = m_s.load(row_s)
+            p, m_new, l_i, acc = _online_softmax(s, valid, m0, m_i, l_i, acc, scale_log2, o_layout)
+            m_s.store(m_new)
+            _signal(xbar.index(1))
+            m_i = m_new
+            p16 = p.to(dtype)
+            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), k1.slice(HALF, HALF, 1), acc,
+                                is_async=True)
+            s1_s.index(z).store(p16)
+            mbarrier.wait(xbar.index(2), phase)
+            acc = warpgroup_mma(s0_s, k0.slice(HALF, HALF, 1), acc, is_async=True)
+            fence_async_shared()
+            _signal(xbar.index(3))
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            _signal(k_free.index(3))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _signal(k_free.index(1))
+        l_s.slice(1 * BLOCK_H, BLOCK_H).store(l_i)
+        _signal(xbar.index(5))
+        mbarrier.wait(xbar.index(4), 0)
+        l_tot = l_i + l_s.slice(0 * BLOCK_H, BLOCK_H).load(row_s)
+        _store_out(acc, l_tot, OUT, o_base, h0, H, stride_oh, HALF, HALF, o_layout)
+        h_l = h0 + gl.arange(0, BLOCK_H, layout=row_s)
+        l_safe = gl.where(l_tot == 0.0, 1.0, l_tot)
+        lse = gl.where(l_tot == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        gl.store(LSE + l_base + h_l, lse, mask=h_l < H)
+
+    @gluon.jit
+    def _copy_rows(KV, rows_s, dst, col0, ROW_WIDTH, WIDTH: gl.constexpr, layout: gl.constexpr):
+        slot = rows_s.load(gl.SliceLayout(1, layout))
+        ok = slot >= 0
+        row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH + col0
+        cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+        async_copy.async_copy_global_to_shared(dst, row[:, None] + cols[None, :], mask=ok[:, None],
+                                               eviction_policy="evict_last")
+
+    @gluon.jit
+    def _producer(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+                  q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+                  slot_s, KV, ROW_WIDTH):
+        """Four warps gathering the selected cache rows with cp.async, in the order they are used:
+        K0 left, K1 right (+ rope), K0 right (+ rope), K1 left; each completes on its mbarrier.
+        A round's 128 cache rows are fetched one round ahead (one per thread) and staged through
+        shared memory, so no global-load latency sits between a buffer's release and its refill."""
+        D_NOPE: gl.constexpr = k_nope_s.shape[2]
+        BLOCK_K: gl.constexpr = k_nope_s.shape[1]
+        HALF: gl.constexpr = D_NOPE // 2
+        D_ROPE: gl.constexpr = k_rope_s.shape[2]
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        k0 = k_nope_s.index(0)
+        k1 = k_nope_s.index(1)
+        rows0 = slot_s.slice(0, BLOCK_K)
+        rows1 = slot_s.slice(BLOCK_K, BLOCK_K)
+        rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
+        offs = k_lo + gl.arange(0, 2 * BLOCK_K, layout=one)
+        cur = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+        offs += 2 * BLOCK_K
+        nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+        for j in range(rounds):
+            phase = (j & 1) ^ 1  # the first wait on a free barrier passes
+            gl.thread_barrier()  # last round's rows are read
+            slot_s.store(cur)
+            gl.thread_barrier()
+            cur = nxt
+            offs += 2 * BLOCK_K
+            nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+            mbarrier.wait(k_free.index(0), phase)
+            _copy_rows(KV, rows0, k0.slice(0, HALF, 1), 0, ROW_WIDTH, HALF, ld)
+            async_copy.mbarrier_arrive(k_ready.index(0), increment_count=False)
+            mbarrier.wait(k_free.index(3), phase)
+            _copy_rows(KV, rows1, k1.slice(HALF, HALF, 1), HALF, ROW_WIDTH, HALF, ld)
+            _copy_rows(KV, rows1, k_rope_s.index(1), D_NOPE, ROW_WIDTH, D_ROPE, ld_r)
+            async_copy.mbarrier_arrive(k_ready.index(3), increment_count=False)
+            mbarrier.wait(k_free.index(1), phase)
+            _copy_rows(KV, rows0, k0.slice(HALF, HALF, 1), HALF, ROW_WIDTH, HALF, ld)
+            _copy_rows(KV, rows0, k_rope_s.index(0), D_NOPE, ROW_WIDTH, D_ROPE, ld_r)
+            async_copy.mbarrier_arrive(k_ready.index(1), increment_count=False)
+            mbarrier.wait(k_free.index(2), phase)
+            _copy_rows(KV, rows1, k1.slice(0, HALF, 1), 0, ROW_WIDTH, HALF, ld)
+            async_copy.mbarrier_arrive(k_ready.index(2), increment_count=False)
+
     @gluon.jit
     def _sparse_mla_fwd_sm90(
         Q, KV, SLOT, OUT, LSE,
@@ -57,123 +339,82 @@ if _GLUON:
         BLOCK_K: gl.constexpr, ROW_WIDTH: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64, "one warpgroup M of heads")
-        gl.static_assert(gl.num_warps() == 8, "two warpgroups")
+        gl.static_assert(BLOCK_K == D_ROPE, "P0 reuses the rope rows of a KV tile")
+        gl.static_assert(gl.num_warps() == 4, "the default partition is one warpgroup")
         dtype: gl.constexpr = Q.dtype.element_ty
-        # --- layouts
-        # S whole in each warpgroup with one n=BLOCK_K wgmma (Q read once a warpgroup), so the
-        # softmax is warp-local and P is already in the A-operand registers of P V
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, D_NOPE // 2, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        ld_nope: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
-        ld_rope: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [8, 1], [1, 0])
-        nope_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        rope_sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        # the head blocks of one token are neighbours in launch order (their gathers meet in L2);
+        # the token index rides on grid axis 0, which has no 65535 limit
+        n_hb = gl.cdiv(H, BLOCK_H)
+        t = gl.program_id(0) // n_hb
+        h0 = (gl.program_id(0) % n_hb) * BLOCK_H
+        split = gl.program_id(1)
 
-        hb = gl.program_id(0)
-        t = gl.program_id(1)
-        split = gl.program_id(2)
+        q_nope_s = gl.allocate_shared_memory(dtype, [1, BLOCK_H, D_NOPE], sl)
+        q_rope_s = gl.allocate_shared_memory(dtype, [1, BLOCK_H, D_ROPE], sl)
+        k_nope_s = gl.allocate_shared_memory(dtype, [2, BLOCK_K, D_NOPE], sl)
+        k_rope_s = gl.allocate_shared_memory(dtype, [2, BLOCK_K, D_ROPE], sl)
+        s1_s = gl.allocate_shared_memory(dtype, [1, BLOCK_H, BLOCK_K], sl)
+        vec_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        m_s = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_sl)
+        l_s = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_H], vec_sl)
+        slot_s = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_K], vec_sl)
+        k_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        xbar = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(4):
+            mbarrier.init(k_ready.index(i), count=128)  # one cp.async arrival a producer thread
+            mbarrier.init(k_free.index(i), count=1)
+        for i in gl.static_range(6):
+            mbarrier.init(xbar.index(i), count=1)
 
-        # --- the program's queries into shared memory (resident for the whole loop)
+        # queries into shared memory, resident for the whole loop
         q_base = Q + t.to(gl.int64) * stride_qt
-        h_n = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_nope))
-        d_n = gl.arange(0, D_NOPE, layout=gl.SliceLayout(0, ld_nope))
-        q_nope = gl.load(q_base + h_n[:, None] * stride_qh + d_n[None, :], mask=(h_n < H)[:, None],
-                         other=0.0)
-        h_r = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_rope))
-        d_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, ld_rope))
-        q_pe = gl.load(q_base + h_r[:, None] * stride_qh + D_NOPE + d_r[None, :],
-                       mask=(h_r < H)[:, None], other=0.0)
-        q_nope_s = gl.allocate_shared_memory(dtype, [BLOCK_H, D_NOPE], nope_sl, q_nope)
-        q_pe_s = gl.allocate_shared_memory(dtype, [BLOCK_H, D_ROPE], rope_sl, q_pe)
-        # two-stage ring of gathered KV tiles
-        kv_nope_s = gl.allocate_shared_memory(dtype, [2, BLOCK_K, D_NOPE], nope_sl)
-        kv_pe_s = gl.allocate_shared_memory(dtype, [2, BLOCK_K, D_ROPE], rope_sl)
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        h_n = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
+        for c in gl.static_range(D_NOPE // 256):
+            d_n = c * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, ld))
+            async_copy.async_copy_global_to_shared(q_nope_s.index(0).slice(c * 256, 256, 1),
+                                                   q_base + h_n[:, None] * stride_qh + d_n[None, :],
+                                                   mask=(h_n < H)[:, None])
+        ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
+        h_r = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_r))
+        d_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, ld_r))
+        async_copy.async_copy_global_to_shared(q_rope_s.index(0),
+                                               q_base + h_r[:, None] * stride_qh + D_NOPE + d_r[None, :],
+                                               mask=(h_r < H)[:, None])
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
 
         k_lo = split * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, K)
         slot_base = SLOT + t.to(gl.int64) * K
-        kk_n = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld_nope))
-        kk_r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ld_rope))
-        kk_s = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
+        o_base = split * stride_os + t.to(gl.int64) * stride_ot
+        l_base = split * stride_ls + t.to(gl.int64) * stride_lt
+        args = (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+                q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+                slot_s, KV, ROW_WIDTH)
+        gl.warp_specialize([
+            (_wg0, args),
+            (_wg1, args),
+            (_producer, args),
+        ], [4, 4], [WG_REGS, PRODUCER_REGS])
 
-        # prologue: the first tile's gather
-        _gather(KV, slot_base, k_lo, k_hi, kk_n, d_n, kk_r, d_r, kv_nope_s.index(0), kv_pe_s.index(0),
-                D_NOPE, ROW_WIDTH)
 
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BLOCK_H, D_NOPE], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
-        n_tiles = gl.cdiv(k_hi - k_lo, BLOCK_K)
-        for i in range(0, n_tiles):
-            kb = k_lo + i * BLOCK_K
-            buf = i % 2
-            async_copy.wait_group(0)  # this thread's copies of tile i have landed;
-            fence_async_shared()  # they are made visible to the wgmma (async) proxy ...
-            gl.thread_barrier()  # ... as are every thread's; all are done with tile i - 1 too
-            # the next tile's gather overlaps this tile's MMAs (its buffer held tile i - 1)
-            _gather(KV, slot_base, kb + BLOCK_K, k_hi, kk_n, d_n, kk_r, d_r,
-                    kv_nope_s.index(1 - buf), kv_pe_s.index(1 - buf), D_NOPE, ROW_WIDTH)
-            kv_n = kv_nope_s.index(buf)
-            kv_r = kv_pe_s.index(buf)
-            s = warpgroup_mma(q_nope_s, kv_n.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma(q_pe_s, kv_r.permute((1, 0)), s, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            offs_k = kb + kk_s
-            valid = gl.load(slot_base + offs_k, mask=offs_k < k_hi, other=-1) >= 0
-            s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
-            p = gl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
-            alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-            acc = acc * alpha_o[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma(p_op, kv_n, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        async_copy.wait_group(0)
 
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        inv = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
-        out = acc * inv[:, None]
-        h_o = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-        d_o = gl.arange(0, D_NOPE, layout=gl.SliceLayout(0, o_layout))
-        o_ptr = OUT + split * stride_os + t.to(gl.int64) * stride_ot + h_o[:, None] * stride_oh
-        gl.store(o_ptr + d_o[None, :], out.to(OUT.dtype.element_ty), mask=(h_o < H)[:, None])
-        h_l = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, s_layout))
-        gl.store(LSE + split * stride_ls + t.to(gl.int64) * stride_lt + h_l, lse, mask=h_l < H)
-
-    @gluon.jit
-    def _gather(KV, slot_base, kb, k_hi, kk_n, d_n, kk_r, d_r, dst_nope, dst_pe,
-                D_NOPE: gl.constexpr, ROW_WIDTH: gl.constexpr):
-        """cp.async the cache rows of entries kb .. kb + BLOCK_K (zeros past k_hi or at -1)."""
-        offs = kb + kk_n
-        slot = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
-        ok = slot >= 0
-        row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH
-        async_copy.async_copy_global_to_shared(dst_nope, row[:, None] + d_n[None, :], mask=ok[:, None])
-        offs_r = kb + kk_r
-        slot_r = gl.load(slot_base + offs_r, mask=offs_r < k_hi, other=-1)
-        ok_r = slot_r >= 0
-        row_r = KV + gl.where(ok_r, slot_r, 0).to(gl.int64) * ROW_WIDTH + D_NOPE
-        async_copy.async_copy_global_to_shared(dst_pe, row_r[:, None] + d_r[None, :], mask=ok_r[:, None])
-        async_copy.commit_group()
+KERNEL_REGS = 168  # x 384 threads = the register file; the partitions' shares are set above
 
 
 def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, splits):
-    """Launch over (head block, token, split), as the Triton kernel does."""
+    """Launch over (token x head block, split); ``k`` > 0 (the caller routes k = 0 elsewhere)."""
     t = q.shape[0]
-    _sparse_mla_fwd_sm90[(triton.cdiv(h, 64), t, splits)](
+    _sparse_mla_fwd_sm90[(t * triton.cdiv(h, 64), splits)](
         q, kv, slots, out, lse,
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         h, k, k_per_split, scale_log2,
         D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
-        num_warps=8,
+        num_warps=4, maxnreg=KERNEL_REGS,
     )
