@@ -15,6 +15,8 @@ scores). ``select_topk`` uses ``topk_multi``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import triton
@@ -128,9 +130,29 @@ def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr):
 
 
 @triton.jit
-def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexpr):
-    """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r], one L2
-    atomic a key (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin)."""
+def _warp_group_count(digit):
+    """For each lane: how many lanes of its warp hold the same digit, on the lowest such lane,
+    else 0 (PTX match.any; the same warp-aggregated atomics CUB's histograms use)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 m, lt, lo;
+        .reg .pred p;
+        match.any.sync.b32 m, $1, -1;
+        mov.u32 lt, %lanemask_lt;
+        and.b32 lo, m, lt;
+        setp.eq.u32 p, lo, 0;
+        popc.b32 $0, m;
+        @!p mov.u32 $0, 0;
+        }""", "=r,r", [digit], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexpr,
+                    WARP_AGG: tl.constexpr):
+    """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r] with L2
+    atomics (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin). WARP_AGG
+    (GPU): one atomic per distinct digit in a warp's 32 keys; the keys bunch into a few bins, so
+    the plain one-atomic-a-key form serialized on them (45% of a 512 x 128K select)."""
     r = tl.program_id(0)
     start = tl.program_id(1) * CHUNK
     row_len = tl.load(LEN + r)
@@ -140,8 +162,12 @@ def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexp
     inb = offs < row_len
     key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
     digit = (key >> (32 - HI)).to(tl.int32)
-    tl.atomic_add(HIST + r * (1 << HI) + digit, tl.full([CHUNK], 1, tl.int32), mask=inb,
-                  sem="relaxed")
+    if WARP_AGG:
+        n = _warp_group_count(tl.where(inb, digit, -1))
+        tl.atomic_add(HIST + r * (1 << HI) + digit, n, mask=inb & (n > 0), sem="relaxed")
+    else:
+        tl.atomic_add(HIST + r * (1 << HI) + digit, tl.full([CHUNK], 1, tl.int32), mask=inb,
+                      sem="relaxed")
 
 
 @triton.jit
@@ -200,18 +226,23 @@ def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunk
 
 
 @triton.jit
-def _write_kernel(S, LEN, THRESH, COUNTS, OUT, stride_s, stride_o, k, n_chunks,
-                  CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr):
+def _write_kernel(S, LEN, THRESH, COUNTS, OUT, VALS, stride_s, stride_o, k, n_chunks,
+                  CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr,
+                  WITH_VALS: tl.constexpr):
     """Pass 3: chunk c of row r writes its keys > T, then its share of the keys == T that the tie
     rule keeps (lowest positions first), at offsets given by the counts of the chunks before it;
-    and its share of the -1 padding after the row's kk entries."""
+    and its share of the -1 padding after the row's kk entries. WITH_VALS: the selected scores
+    too, at the same offsets (-inf with the padding), sparing the caller a gather."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     row_len = tl.load(LEN + r)
     kk = tl.minimum(k, row_len)
     out = OUT + r.to(tl.int64) * stride_o
+    vals = VALS + r.to(tl.int64) * stride_o
     pad = c * PAD + tl.arange(0, PAD)
     tl.store(out + pad, tl.full([PAD], -1, tl.int32), mask=(pad >= kk) & (pad < k))
+    if WITH_VALS:
+        tl.store(vals + pad, tl.full([PAD], float("-inf"), tl.float32), mask=(pad >= kk) & (pad < k))
     start = c * CHUNK
     if start >= row_len:
         return
@@ -229,21 +260,36 @@ def _write_kernel(S, LEN, THRESH, COUNTS, OUT, stride_s, stride_o, k, n_chunks,
     gt = inb & (key > thresh)
     eq = inb & (key == thresh)
     pos = tl.where(x == float("-inf"), -1, offs)
-    tl.store(out + gt_before + tl.cumsum(gt.to(tl.int32), 0) - 1, pos, mask=gt)
+    at_gt = gt_before + tl.cumsum(gt.to(tl.int32), 0) - 1
+    tl.store(out + at_gt, pos, mask=gt)
     c_eq = eq_before + tl.cumsum(eq.to(tl.int32), 0)
-    tl.store(out + n_gt + c_eq - 1, pos, mask=eq & (c_eq <= remaining))
+    take = eq & (c_eq <= remaining)
+    tl.store(out + n_gt + c_eq - 1, pos, mask=take)
+    if WITH_VALS:
+        tl.store(vals + at_gt, x, mask=gt)
+        tl.store(vals + n_gt + c_eq - 1, x, mask=take)
+
+
+def _real_gpu(t: torch.Tensor) -> bool:
+    """A CUDA tensor and no Triton interpreter (which runs no inline PTX)."""
+    return t.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int | None = None,
-               hi_bits: int = HI_BITS) -> torch.Tensor:
+               hi_bits: int = HI_BITS, warp_agg: bool = False, values: bool = False):
     """``topk_rows``'s contract, each row split over many programs, reading the scores three
     times (top-digit histogram, count + candidate compaction, ordered write) plus one program
     per row over the candidates: every SM busy at any row count. ``hi_bits`` (9..15) is the
-    width of the pass-1 digit."""
+    width of the pass-1 digit. ``warp_agg`` (GPU only) aggregates pass 1's atomics within warps:
+    1.3-1.7x on scores bunched in a few bins, as the indexer's are, and 2-3% slower on spread
+    ones (H100, BENCHMARKS.md session 6). ``values``: return (positions, their scores), -inf
+    where the position is -1."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
+    vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
     if not n or not k:
-        return out.fill_(-1)
+        out.fill_(-1)
+        return (out, vals.fill_(float("-inf"))) if values else out
     if not 9 <= hi_bits <= 15:
         raise ValueError(f"topk_multi: hi_bits must lie in [9, 15], got {hi_bits}")
     chunk = chunk or CHUNK
@@ -261,24 +307,27 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     grid = (n, n_chunks)
     warps = 8 if chunk >= 4096 else 4
     _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
-                          num_warps=warps)
+                          WARP_AGG=warp_agg and _real_gpu(scores), num_warps=warps)
     _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, num_warps=8)
     _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, scores.stride(0),
                           length, n_chunks, HI=hi_bits, CHUNK=chunk, num_warps=warps)
     _finish_kernel[(n,)](sel, ncand, cand_s, cand_p, counts, thresh, length, n_chunks,
                          HI=hi_bits, CHUNK=chunk, BLOCK=2048, num_warps=8)
-    _write_kernel[grid](scores, lengths, thresh, counts, out, scores.stride(0), out.stride(0), k,
-                        n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
-                        PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), num_warps=warps)
-    return out
+    _write_kernel[grid](scores, lengths, thresh, counts, out, vals, scores.stride(0), out.stride(0),
+                        k, n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
+                        PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), WITH_VALS=values,
+                        num_warps=warps)
+    return (out, vals) if values else out
 
 
-def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
+                warp_agg: bool = False):
     """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
     ``topk_rows`` at every size measured on the H100, 1 x 128K to 1024 x 32K (BENCHMARKS.md).
     Temporary memory: about twice the scores (the candidate buffers, sized for the worst case
-    of every key tied) plus 16 KB of histogram a row."""
-    return topk_multi(scores, lengths, k)
+    of every key tied) plus 16 KB of histogram a row. ``values``: (positions, their scores);
+    ``warp_agg``: see ``topk_multi``."""
+    return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

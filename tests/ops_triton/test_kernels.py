@@ -194,6 +194,10 @@ def test_topk_rows_exact_sets_and_ties():
         assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk,
                                              hi_bits=hi).cpu(), got), (chunk, hi)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
+    idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
+    assert torch.equal(idx.cpu(), got)
+    assert torch.equal(vals.cpu(), torch.where(got >= 0, s.gather(1, got.clamp_min(0).long()),
+                                               float("-inf")))
     for r in range(n):
         want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
         assert sorted(got[r].tolist()) == sorted(want[0].tolist()), r
@@ -218,7 +222,8 @@ def test_topk_sweep():
         lens = torch.tensor([length, max(1, length // 2)], dtype=torch.int32)
         got = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
         multi = K.topk.topk_multi(s.to(DEV), lens.to(DEV), k,
-                                  chunk=(1024, 2048, None)[i % 3] if ON_GPU else 64 << (i % 3)).cpu()
+                                  chunk=(1024, 2048, None)[i % 3] if ON_GPU else 64 << (i % 3),
+                                  warp_agg=bool(i % 2)).cpu()
         assert torch.equal(multi, got), (i, length, k)
         for r in range(2):
             want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
