@@ -40,7 +40,6 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it the portable Triton kernel is used
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mbarrier as _mbarrier_v2
     from triton.experimental.gluon.language.nvidia.hopper import (
         async_copy,
         fence_async_shared,
@@ -73,20 +72,17 @@ if _GLUON:
     def _signal(bar):
         """Every thread of this warpgroup is past its prior work; one arrival releases it."""
         gl.thread_barrier()
-        _mbarrier_v2.arrive(bar)
-
+        mbarrier.arrive(bar, count=1)
 
     @gluon.jit
     def _acquire(bar, phase):
         mbarrier.wait(bar, phase)
         fence_async_shared()  # the cp.async (generic proxy) rows are read by wgmma (async proxy)
 
-
     @gluon.jit
     def _valid(SLOT, slot_base, kb, k_hi, BLOCK_K: gl.constexpr, layout: gl.constexpr):
         offs = kb + gl.arange(0, BLOCK_K, layout=layout)
         return gl.load(slot_base + offs, mask=offs < k_hi, other=-1) >= 0
-
 
     @gluon.jit
     def _online_softmax(s, valid, m_ref, m_own, l_i, acc, scale_log2, o_layout: gl.constexpr):
@@ -97,7 +93,6 @@ if _GLUON:
         l_i = l_i * alpha + gl.sum(p, 1)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         return p, m_new, l_i, acc
-
 
     @gluon.jit
     def _store_out(acc, l_tot, OUT, o_base, h0, H, stride_oh, col0, HALF: gl.constexpr,
