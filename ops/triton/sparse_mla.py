@@ -179,7 +179,7 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
         raise ValueError("sparse_mla_fwd: impl='sm90' needs a Hopper GPU, Gluon, 16-bit q and "
                          "cache of one dtype, d_v 512 and rope 64")
     # The sm90 kernel is warp-specialized with its own fixed tiles: the default wherever it serves
-    # the inputs and no Triton tiling was asked for (H100: 1.7x prefill, 1.4-1.7x decode, BENCHMARKS.md).
+    # the inputs and no Triton tiling was asked for (H100: 1.8x prefill, 1.7-1.8x decode, BENCHMARKS.md).
     default_tiles = all(x is None for x in (block_h_arg, block_k_arg, num_warps_arg, num_stages))
     use_sm90 = k > 0 and (impl == "sm90" or (impl is None and sm90_ok and h >= 64 and default_tiles))
     slots = cache_slots(indices, block_table, token_row, kv.shape[1])

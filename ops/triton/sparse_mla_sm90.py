@@ -4,11 +4,11 @@ sparse-prefill schedule, written from its published design (csrc/sm90/prefill/sp
 
 A CTA takes 64 heads of one token and walks its selected entries two 64-entry tiles (K0, K1) at
 a time, with three warpgroups:
-- producer (4 warps, 56 registers): gathers the tiles' cache rows with ``cp.async`` into two
+- producer (4 warps, 40 registers): gathers the tiles' cache rows with ``cp.async`` into two
   buffers, each in halves (latent columns 0-255 = "L"; 256-511 plus rope = "R") that complete on
   their own mbarriers, in the order they are consumed; a round's row numbers are fetched a round
   ahead and staged through shared memory;
-- warpgroup 0 (224 registers) computes S0 = Q K0^T and owns O[:, :256];
+- warpgroup 0 (232 registers) computes S0 = Q K0^T and owns O[:, :256];
 - warpgroup 1 computes S1 = Q K1^T and owns O[:, 256:].
 So no S is computed twice (the earlier single-partition kernels computed it in both warpgroups:
 13.6 instead of 8.9 MFLOP a tile) and each P V is an n=256 wgmma. A round, per warpgroup:
@@ -20,9 +20,9 @@ and row sums end on the same max; the sums are added at the end. mbarriers carry
 (a partition barrier then one arrival); the wgmma views are indexed at a loop-variant 0 so their
 ~80 64-bit descriptors are built per round instead of hoisted and spilled (1024 -> 12 bytes of
 spills, 1.5x faster).
-H100, same process (BENCHMARKS.md, session 6): prefill 4096 x 2048 entries 4.71-4.97 ms = 470-496
-TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.109 / 0.198 ms against
-0.173 / 0.329. With the gathers skipped (timing only) prefill runs at 649 TFLOPS: the rest
+H100, same process (BENCHMARKS.md, session 6): prefill 4096 x 2048 entries 4.44-4.50 ms = 520-526
+TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.102 / 0.185 ms against
+0.174 / 0.330. With the gathers skipped (timing only) prefill ran at 649 TFLOPS: the rest
 is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two tiles and P1
 take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
 the rows are shared by the CTAs of many tokens).
@@ -64,9 +64,10 @@ def available(q: torch.Tensor, kv: torch.Tensor) -> bool:
 if _GLUON:
     M_INIT = gl.constexpr(-1.0e30)  # a finite start for the running max: masked rows stay NaN-free
     # registers a thread: the kernel's 168 (one CTA of 12 warps a SM) are redistributed with
-    # setmaxnreg, as FlashMLA does: 224 for each consumer warpgroup, 56 for the producer
-    WG_REGS = gl.constexpr(224)
-    PRODUCER_REGS = gl.constexpr(56)
+    # setmaxnreg: 232 for each consumer warpgroup, 40 for the producer (224 / 56 spilled 12 bytes
+    # and was 8% slower in prefill; FlashMLA uses 216 / 72)
+    WG_REGS = gl.constexpr(232)
+    PRODUCER_REGS = gl.constexpr(40)
 
     @gluon.jit
     def _signal(bar):
