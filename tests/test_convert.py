@@ -310,13 +310,21 @@ def test_killed_conversion_resumes_to_identical_bytes(tiny_dir, tmp_path):
                              out, "--dtype", "int8", "--tp", "2", "--workers", "0",
                              "--no-progress"], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
+
+    def mid_write() -> bool:  # a finished file is recorded while another is still being written
+        names = [n for _, _, ns in os.walk(out) for n in ns] if os.path.exists(out) else []
+        return any(n.endswith(".tmp") for n in names) and _recorded(out) > 0
+
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            names = [n for _, _, ns in os.walk(out) for n in ns] if os.path.exists(out) else []
-            # kill once a finished file is recorded (renamed files are recorded when their
-            # shard's group completes) while another one is still being written
-            if any(n.endswith(".tmp") for n in names) and _recorded(out):
-                break
+            # (renamed files are recorded when their shard's group completes). Seen, the process
+            # is frozen and looked at again, so the .tmp cannot be finished between the look and
+            # the kill (that race failed this test once on a loaded CI machine)
+            if mid_write():
+                proc.send_signal(signal.SIGSTOP)
+                if mid_write():
+                    break
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.01)
         assert proc.poll() is None, "the conversion finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
