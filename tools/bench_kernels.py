@@ -200,6 +200,25 @@ def _decode_rows(rows, name, q, cache, idx, table, rows_, flops, peak, bw):
                              gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
 
 
+def decode_sweep(rows, peak, bw, ctx=32768, h=128, topk=2048):
+    """Sparse MLA decode over batch sizes around one wave of CTAs (two head blocks a sequence, one
+    CTA a SM for the sm90 kernel), without a split, against the Triton kernel; one cache."""
+    b_max = 160
+    cache, table = paged_cache(b_max, ctx, 576, torch.bfloat16)
+    q_all = torch.randn(b_max, h, 576, device=DEV, dtype=torch.bfloat16)
+    idx_all = torch.stack([torch.randperm(ctx, device=DEV)[:topk] for _ in range(b_max)]).int()
+    impls = ("sm90", "triton") if K.sparse_mla.sparse_mla_sm90.available(q_all, cache) else ("triton",)
+    for b in (16, 32, 48, 64, 66, 68, 96, 128, 160):
+        q, idx, rows_ = q_all[:b], idx_all[:b], torch.arange(b, device=DEV, dtype=torch.int32)
+        flops = b * 2 * h * topk * (576 + 512)
+        floor = max(flops / (peak * 1e9), idx.numel() * 1152 / (bw * 1e6))
+        for impl in impls:
+            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
+                                                num_splits=1, impl=impl))
+            rows.append(dict(name=f"sparse MLA decode sweep B={b} ({2 * b} CTAs) {impl}", ms=ms,
+                             tflops=flops / ms / 1e9, pct_roofline=100 * floor / ms))
+
+
 def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):
     for b in (1, 32):
         _decode_indexer(rows, bw, b, ctx, h, d, topk)
@@ -238,7 +257,8 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default=None, help="comma list: prefill,indexer,topk,decode,idx128k")
+    ap.add_argument("--only", default=None,
+                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -248,6 +268,7 @@ def main():
              ("indexer", lambda: indexer_logits(rows, peak, bw)),
              ("topk", lambda: topk(rows)),
              ("decode", lambda: sparse_decode(rows, peak, bw)),
+             ("decode_sweep", lambda: decode_sweep(rows, peak, bw)),
              ("idx128k", lambda: decode_indexer_128k(rows, bw))]
     for name, fn in steps:
         if only and name not in only:
