@@ -19,10 +19,10 @@ O_L += P1 V1_L from shared memory, and WG0 issues the next S0 behind its last P 
 and row sums end on the same max; the sums are added at the end. mbarriers carry every hand-off
 (a partition barrier then one arrival); the wgmma views are indexed at a loop-variant 0 so their
 ~80 64-bit descriptors are built per round instead of hoisted and spilled (1024 -> 12 bytes of
-spills, 1.5x faster).
+spills, 1.5x faster; the final register split removed the rest).
 H100, same process (BENCHMARKS.md, session 6): prefill 4096 x 2048 entries 4.44-4.50 ms = 520-526
-TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.102 / 0.185 ms against
-0.174 / 0.330. With the gathers skipped (timing only) prefill ran at 649 TFLOPS: the rest
+TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.102 / 0.187 ms against
+0.175 / 0.335. With the gathers skipped (timing only) prefill ran at 649 TFLOPS: the rest
 is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two tiles and P1
 take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
 the rows are shared by the CTAs of many tokens).
@@ -397,7 +397,6 @@ if _GLUON:
             (_wg1, args),
             (_producer, args),
         ], [4, 4], [WG_REGS, PRODUCER_REGS])
-
 
 
 KERNEL_REGS = 168  # x 384 threads = the register file; the partitions' shares are set above
