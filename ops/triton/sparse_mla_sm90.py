@@ -69,6 +69,20 @@ if _GLUON:
     WG_REGS = gl.constexpr(232)
     PRODUCER_REGS = gl.constexpr(40)
 
+    @gluon.constexpr_function
+    def _wgmma_layout(n):
+        """Accumulator layout of one warpgroup's m64 x n wgmma."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+    @gluon.jit
+    def _consumer_state(BLOCK_H: gl.constexpr, HALF: gl.constexpr, BLOCK_K: gl.constexpr,
+                        s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """A consumer's O half, running max and sum, and the zero S a Q K^T starts from."""
+        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_layout)
+        m_i = gl.full([BLOCK_H], M_INIT, gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_H], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        return acc, m_i, l_i, gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+
     @gluon.jit
     def _signal(bar):
         """Every thread of this warpgroup is past its prior work; one arrival releases it."""
@@ -141,18 +155,12 @@ if _GLUON:
         D_NOPE: gl.constexpr = q_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
         HALF: gl.constexpr = D_NOPE // 2
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BLOCK_K)
+        o_layout: gl.constexpr = _wgmma_layout(HALF)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
-
-        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_layout)
-        m_i = gl.full([BLOCK_H], M_INIT, gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=row_s)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        acc, m_i, l_i, s_zero = _consumer_state(BLOCK_H, HALF, BLOCK_K, s_layout, o_layout)
         z = rounds >> 30
         k0 = k_nope_s.index(z)
         q_rope = q_rope_s.index(z)
@@ -212,18 +220,12 @@ if _GLUON:
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
         HALF: gl.constexpr = D_NOPE // 2
         dtype: gl.constexpr = q_nope_s.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_K, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HALF, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BLOCK_K)
+        o_layout: gl.constexpr = _wgmma_layout(HALF)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
-
-        acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=o_layout)
-        m_i = gl.full([BLOCK_H], M_INIT, gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_H], gl.float32, layout=row_s)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, layout=s_layout)
+        acc, m_i, l_i, s_zero = _consumer_state(BLOCK_H, HALF, BLOCK_K, s_layout, o_layout)
         for j in range(rounds):
             phase = j & 1
             kb = k_lo + (2 * j + 1) * BLOCK_K
