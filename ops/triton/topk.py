@@ -321,13 +321,14 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
 
 
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
-                warp_agg: bool = False):
+                warp_agg: bool = False, hi_bits: int = HI_BITS):
     """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
-    ``topk_rows`` at every size measured on the H100, 1 x 128K to 1024 x 32K (BENCHMARKS.md).
-    Temporary memory: about twice the scores (the candidate buffers, sized for the worst case
-    of every key tied) plus 16 KB of histogram a row. ``values``: (positions, their scores);
-    ``warp_agg``: see ``topk_multi``."""
-    return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg)
+    ``topk_rows`` at every size measured on the H100 and the H200, 1 x 128K to 1024 x 32K, and
+    than a one-program-a-row version of its own three reads (1.5-7x slower on the H200; not
+    kept, BENCHMARKS.md). Temporary memory: about twice the scores (the candidate buffers,
+    sized for the worst case of every key tied) plus 2^hi_bits x 4 bytes of histogram a row.
+    ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``: see ``topk_multi``."""
+    return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

@@ -326,6 +326,26 @@ def test_indexer_launch_table():
             assert (empty[:, 3] == -1).all() and (empty[:, 1] == empty[:, 2]).all()
 
 
+def test_decode_plan_matches_the_enumeration():
+    """The decode step's one-launch plan (runs of one token, row lengths) against a plain
+    enumeration, on random batches with empty sequences and widths below some lengths."""
+    g = _gen(11)
+    for trial in range(20):
+        n_rows = int(torch.randint(1, 300, (1,), generator=g))
+        q_lens = torch.randint(0, 3, (n_rows,), generator=g)
+        q_lens[int(torch.randint(0, n_rows, (1,), generator=g))] = 1  # at least one token
+        kv_lens = q_lens + torch.randint(0, 200000, (n_rows,), generator=g)
+        width = int(torch.randint(1, 200000, (1,), generator=g))
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+        t = int(cu[-1])
+        want = [[r, s, s + 1, int(kv_lens[r] - q_lens[r] + s - cu[r])]
+                for r in range(n_rows) for s in range(int(cu[r]), int(cu[r + 1]))]
+        for t0 in (0, t // 2):
+            progs, row_len = K.indexer.decode_plan(cu.int().to(DEV), kv_lens.int().to(DEV), t0, t, width)
+            assert progs.cpu().tolist() == want[t0:], trial
+            assert row_len.cpu().tolist() == [min(p + 1, width) for *_, p in want[t0:]], trial
+
+
 def test_indexer_topk_device_planned_launch_is_identical():
     """With ``max_seqlen_k`` (host metadata) there is no host sync: the output is, bit for bit,
     that of the call without it (which reads max(seqlens_k) back), also when the bound exceeds
