@@ -148,15 +148,16 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
 
 
 def topk(rows, k=2048):
-    for n, length in ((64, 32768), (1024, 32768), (1, 131072), (32, 131072)):
+    for n, length in ((64, 32768), (1024, 32768), (132, 32768), (1, 131072), (8, 131072), (32, 131072)):
         s = torch.randn(n, length, device=DEV)
         lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
         gb = n * length * 4 / 1e6
         name = f"top-{k} of {length} x {n} rows"
         want = K.topk_rows(s, lens, k)
         assert torch.equal(K.topk.topk_multi(s, lens, k), want), name  # same output, exactly
-        ms = bench(lambda: K.topk_rows(s, lens, k))
-        rows.append(dict(name=f"{name}: radix, one program per row", ms=ms, gbps=gb / ms))
+        if n == 64:
+            ms = bench(lambda: K.topk_rows(s, lens, k))
+            rows.append(dict(name=f"{name}: radix, one program per row (4 digit passes)", ms=ms, gbps=gb / ms))
         ms = bench(lambda: K.topk.topk_multi(s, lens, k))
         rows.append(dict(name=f"{name}: radix, multi-program (3 reads of the scores)", ms=ms, gbps=gb / ms))
         ms = bench(graph_replay(lambda: K.topk.topk_multi(s, lens, k)))
@@ -165,6 +166,44 @@ def topk(rows, k=2048):
         rows.append(dict(name=f"{name}: select_topk policy", ms=ms, gbps=gb / ms))
         ms_t = bench(lambda: torch.topk(s, k, dim=-1))
         rows.append(dict(name="  baseline: torch.topk (ties unspecified)", ms=ms_t))
+    # a prefill chunk of the indexer's shape: 512 rows of 64K-128K keys bunched within one power
+    # of two, as its scores are; warp-aggregated atomics, the pass-1 digit width
+    n, length = 512, 131072
+    s = torch.randn(n, length, device=DEV) * 0.1 + 1
+    lens = torch.randint(length // 2, length + 1, (n,), device=DEV, dtype=torch.int32)
+    want = K.topk.topk_multi(s, lens, k, warp_agg=True)
+    for hb in (12, 13):
+        fn = lambda hb=hb: K.topk.topk_multi(s, lens, k, hi_bits=hb, warp_agg=True, values=True)  # noqa: E731
+        assert torch.equal(fn()[0], want), hb
+        rows.append(dict(name=f"top-{k} of 64K-128K x {n} rows, bunched, hi_bits={hb}, multi-program",
+                         ms=bench(fn, rep=50)))
+
+
+def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
+    """The select on the indexer's own decode logits at 128K, by batch: digit width and schedule
+    (the policy of ``indexer_topk``), each as a CUDA graph."""
+    for b in (1, 2, 4, 8, 16, 32, 64, 128):
+        cache, table = paged_cache(b, ctx, d, torch.float32)
+        kq, ks = quantize_fp8_blocks(cache, d)
+        del cache
+        q, _ = quantize_fp8_blocks(torch.randn(b, h, d, device=DEV), d)
+        w = torch.rand(b, h, device=DEV)
+        cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+        sk = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+        progs, _ = K.indexer.decode_plan(cu, sk, 0, b, ctx)
+        scores = K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, b, ctx, 64, 1, 128)
+        want = K.topk.topk_multi(scores, sk, topk, warp_agg=True)
+        cands = [("multi hi_bits=12", lambda: K.topk.topk_multi(scores, sk, topk, warp_agg=True, values=True)),
+                 ("multi hi_bits=13", lambda: K.topk.topk_multi(scores, sk, topk, hi_bits=13, warp_agg=True,
+                                                                values=True))]
+        for name, fn in cands:
+            assert torch.equal(fn()[0], want), (b, name)
+            rows.append(dict(name=f"indexer select B={b} ctx={ctx}: {name}, CUDA graph", ms=bench(graph_replay(fn))))
+        ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
+        nbytes = b * ctx * (d + 4)
+        rows.append(dict(name=f"indexer+top-k (the op) B={b} ctx={ctx}, CUDA graph", ms=ms,
+                         pct_hbm=100 * nbytes / ms / 1e6 / bw))
+        del kq, ks, scores
 
 
 def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
@@ -194,9 +233,10 @@ def _decode_rows(rows, name, q, cache, idx, table, rows_, flops, peak, bw):
     floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
     for impl in (("sm90", "triton") if K.sparse_mla.sparse_mla_sm90.available(q, cache) else ("triton",)):
         for splits in (None, 2):
-            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
-                                                num_splits=splits, impl=impl))
-            rows.append(dict(name=f"{name} {impl} splits={splits}", ms=ms, tflops=flops / ms / 1e9,
+            fn = lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,  # noqa: E731
+                                          num_splits=splits, impl=impl)
+            ms = bench(graph_replay(fn))  # see decode_sweep: graphs time the kernels alone
+            rows.append(dict(name=f"{name} {impl} splits={splits}, CUDA graph", ms=ms, tflops=flops / ms / 1e9,
                              gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
 
 
@@ -213,9 +253,11 @@ def decode_sweep(rows, peak, bw, ctx=32768, h=128, topk=2048):
         flops = b * 2 * h * topk * (576 + 512)
         floor = max(flops / (peak * 1e9), idx.numel() * 1152 / (bw * 1e6))
         for impl in impls:
-            ms = bench(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
-                                                num_splits=1, impl=impl))
-            rows.append(dict(name=f"sparse MLA decode sweep B={b} ({2 * b} CTAs) {impl}", ms=ms,
+            # as graph replays: eager calls of this ~0.1 ms launch also time its host-side cost
+            # (python, allocations, the slots kernel's launch), 0.09-0.26 ms run to run (H200)
+            ms = bench(graph_replay(lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,
+                                                             num_splits=1, impl=impl)))
+            rows.append(dict(name=f"sparse MLA decode sweep B={b} ({2 * b} CTAs) {impl}, CUDA graph", ms=ms,
                              tflops=flops / ms / 1e9, pct_roofline=100 * floor / ms))
 
 
@@ -252,13 +294,29 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     rows.append(dict(name=f"  select_topk alone (policy) B={b}", ms=ms_k))
     rows.append(dict(name=f"  radix kernel alone B={b}", ms=ms_r))
     rows.append(dict(name=f"  torch.topk alone B={b}", ms=ms_t))
+    kernel_profile(rows, lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx),
+                   f"decode indexer+top-k B={b}")
+
+
+def kernel_profile(rows, fn, label, reps=10):
+    """Device time per kernel of ``fn`` (eager; torch.profiler), averaged over ``reps`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append(dict(name=f"    kernel {e.key[:64]} ({label})", ms=us / reps / 1e3))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k")
+                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k,idxsel")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -269,7 +327,8 @@ def main():
              ("topk", lambda: topk(rows)),
              ("decode", lambda: sparse_decode(rows, peak, bw)),
              ("decode_sweep", lambda: decode_sweep(rows, peak, bw)),
-             ("idx128k", lambda: decode_indexer_128k(rows, bw))]
+             ("idx128k", lambda: decode_indexer_128k(rows, bw)),
+             ("idxsel", lambda: indexer_select(rows, bw))]
     for name, fn in steps:
         if only and name not in only:
             continue
