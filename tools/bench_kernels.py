@@ -329,6 +329,15 @@ def main():
              ("decode_sweep", lambda: decode_sweep(rows, peak, bw)),
              ("idx128k", lambda: decode_indexer_128k(rows, bw)),
              ("idxsel", lambda: indexer_select(rows, bw))]
+    run_steps(rows, steps, only)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d"))
+    report(rows, meta, args.out)
+
+
+def run_steps(rows, steps, only):
+    """Run the named benchmark steps (all, or those in ``only``); a failing step adds a FAILED row
+    and the others still run."""
     for name, fn in steps:
         if only and name not in only:
             continue
@@ -336,17 +345,21 @@ def main():
         try:
             fn()
         except Exception as e:  # noqa: BLE001
-            rows.append(dict(name=f"{name} FAILED: {type(e).__name__}: {e}"[:200]))
+            rows.append(dict(name=f"{name} FAILED: {type(e).__name__}: {e}"[:300]))
         print(f"[{name} done in {time.time() - t0:.1f}s]", flush=True)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"))
+
+
+def report(rows, meta, out=None, width=80, fmt=".1f"):
+    """Print the table (the extras of each row in ``fmt``) and write the JSON to ``out``."""
     print(json.dumps(meta))
     for r in rows:
-        extras = " ".join(f"{k}={v:.1f}" for k, v in r.items() if k not in ("name", "ms") and isinstance(v, float))
-        print(f"{r['name']:<80s} {r.get('ms', float('nan')):9.4f} ms  {extras}")
-    if args.out:
-        with open(args.out, "w") as f:
+        extras = " ".join(f"{k}={v:{fmt}}" for k, v in r.items() if k not in ("name", "ms") and isinstance(v, float))
+        print(f"{r['name']:<{width}s} {r.get('ms', float('nan')):9.4f} ms  {extras}")
+    if out:  # written whole or not at all
+        tmp = f"{out}.tmp"
+        with open(tmp, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

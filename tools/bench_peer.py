@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import triton  # noqa: E402
-from bench_kernels import DEV, K, bench, ceilings  # noqa: E402
+from bench_kernels import DEV, K, bench, ceilings, report, run_steps  # noqa: E402
 
 from dsa_ascend import paging  # noqa: E402
 from dsa_ascend.backends.cuda import graph_replay  # noqa: E402
@@ -285,25 +284,11 @@ def main():
                                  for b in (64, 128)]),
              ("indexer", lambda: [indexer_section(rows, peak_fp8), indexer_section(rows, peak_fp8, skv=16384, windows="cp")]),
              ("topk", lambda: [topk_section(rows, n, length) for n, length in ((64, 32768), (32, 131072))])]
-    for name, fn in steps:
-        if only and name not in only:
-            continue
-        t0 = time.time()
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(name=f"{name} FAILED: {type(e).__name__}: {e}"[:300]))
-        print(f"[{name} done in {time.time() - t0:.1f}s]", flush=True)
+    run_steps(rows, steps, only)
     tl = sys.modules.get("tilelang")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 tilelang=getattr(tl, "__version__", None), date=time.strftime("%Y-%m-%d"))
-    print(json.dumps(meta))
-    for r in rows:
-        extras = " ".join(f"{k}={v:.4g}" for k, v in r.items() if k not in ("name", "ms") and isinstance(v, float))
-        print(f"{r['name']:<100s} {r.get('ms', float('nan')):9.4f} ms  {extras}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    report(rows, meta, args.out, width=100, fmt=".4g")
 
 
 if __name__ == "__main__":
