@@ -10,7 +10,8 @@ tile is loaded once and reused for every key tile. Key tiles wholly beyond the b
 are skipped (their scores stay -inf). Queries are processed in chunks so that the float32 score
 matrix held at once is bounded (``max_chunk_elements``), then each chunk goes through the radix
 top-k. The launch table is built on the device: no host sync when the caller passes the step's
-``max_seqlen_k``, so a decode step can be captured in a CUDA graph.
+``max_seqlen_k``, so a decode step can be captured in a CUDA graph; with one token a run (decode)
+one small kernel builds it and the top-k's row lengths (``decode_plan``).
 """
 
 from __future__ import annotations
