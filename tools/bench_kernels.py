@@ -180,8 +180,8 @@ def topk(rows, k=2048):
 
 
 def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
-    """The select on the indexer's own decode logits at 128K, by batch: digit width and schedule
-    (the policy of ``indexer_topk``), each as a CUDA graph."""
+    """The select on the indexer's own decode logits at 128K, by batch: the pass-1 digit width
+    (the policy of ``indexer_topk``) and the whole op, each as a CUDA graph."""
     for b in (1, 2, 4, 8, 16, 32, 64, 128):
         cache, table = paged_cache(b, ctx, d, torch.float32)
         kq, ks = quantize_fp8_blocks(cache, d)
@@ -283,7 +283,7 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, CUDA graph", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # where the time goes: the logits kernel alone, and the top-k alone on its output
-    progs = K.indexer.programs(cu, paging.token_rows(cu, b), sk.long() - 1, 0, b, 1)
+    progs, _ = K.indexer.decode_plan(cu, sk, 0, b, ctx)  # the op's own decode plan
     ms_l = bench(lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0,
                                                   b, ctx, 64, 1, 128))
     scores = K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, b, ctx, 64, 1, 128)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from dsa_ascend import paging
 
-from .topk import select_topk
+from .topk import HI_BITS, select_topk
 
 
 @triton.jit
@@ -229,7 +229,7 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # indexer scores bunch into a few histogram bins: warp-aggregated atomics (1.3-1.7x);
         # a 13-bit first digit for up to 8 decode rows (fewer candidates for the one program a
         # row that pins the k-th key: 4-16% faster there, H200; 12 bits win from 16 rows up)
-        hi_bits = 13 if block_m == 1 and t1 - t0 <= 8 else 12
+        hi_bits = HI_BITS + 1 if block_m == 1 and t1 - t0 <= 8 else HI_BITS
         parts.append(select_topk(scores, row_len, topk, values=True, warp_agg=True, hi_bits=hi_bits))
     if len(parts) == 1:  # decode and short prefill: no copy into a joined output
         return parts[0]
