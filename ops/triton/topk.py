@@ -9,8 +9,8 @@ lower position wins).
 
 Two schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all passes
 in one launch) and ``topk_multi`` (each row split over many programs: a wide top-digit histogram,
-candidate compaction, an exact select among the candidates, an ordered write; three reads of the
-scores). ``select_topk`` uses ``topk_multi``.
+candidate compaction, an exact select among the candidates, an ordered write from the compacted
+lists; two reads of the scores). ``select_topk`` uses ``topk_multi``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,32 @@ def _sortable(x):
 
 
 @triton.jit
+def _digit_hist(key, inb, prefix, prefix_mask, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """Histogram of the digits at SHIFT of the keys matching ``prefix``, in 2 * 2^BITS bins (the
+    upper half counts the keys that do not match)."""
+    NB: tl.constexpr = 1 << BITS
+    match = inb & ((key & prefix_mask) == prefix)
+    digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
+    return tl.histogram(tl.where(match, digit, NB), 2 * NB)
+
+
+@triton.jit
+def _pick_digit(hist, prefix, prefix_mask, remaining, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """From ``_digit_hist``'s histogram: the prefix refined by the digit that holds the
+    ``remaining``-th largest matching key, its mask, and the count still wanted inside it."""
+    NB: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, 2 * NB)
+    real = bins < NB
+    hist = tl.where(real, hist, 0)
+    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # entries with digit >= bin
+    chosen = tl.max(tl.where(real & (suffix >= remaining), bins, -1), 0)
+    above = tl.sum(tl.where(real & (bins > chosen), hist, 0), 0)
+    prefix = prefix | (chosen.to(tl.uint32) << SHIFT)
+    prefix_mask = prefix_mask | ((NB - 1) << SHIFT)
+    return prefix, prefix_mask, remaining - above
+
+
+@triton.jit
 def _radix_pass(S, row_len, prefix, prefix_mask, remaining, SHIFT: tl.constexpr,
                 BITS: tl.constexpr, BLOCK: tl.constexpr):
     """One histogram pass over the digits at SHIFT of keys matching ``prefix``: returns the
@@ -41,18 +67,8 @@ def _radix_pass(S, row_len, prefix, prefix_mask, remaining, SHIFT: tl.constexpr,
         offs = start + tl.arange(0, BLOCK)
         inb = offs < row_len
         key = _sortable(tl.load(S + offs, mask=inb, other=float("-inf")))
-        match = inb & ((key & prefix_mask) == prefix)
-        digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
-        hist += tl.histogram(tl.where(match, digit, NB), 2 * NB)
-    bins = tl.arange(0, 2 * NB)
-    real = bins < NB
-    hist = tl.where(real, hist, 0)
-    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # entries with digit >= bin
-    chosen = tl.max(tl.where(real & (suffix >= remaining), bins, -1), 0)
-    above = tl.sum(tl.where(real & (bins > chosen), hist, 0), 0)
-    prefix = prefix | (chosen.to(tl.uint32) << SHIFT)
-    prefix_mask = prefix_mask | ((NB - 1) << SHIFT)
-    return prefix, prefix_mask, remaining - above
+        hist += _digit_hist(key, inb, prefix, prefix_mask, SHIFT, BITS)
+    return _pick_digit(hist, prefix, prefix_mask, remaining, SHIFT, BITS)
 
 
 @triton.jit
@@ -94,26 +110,32 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
         done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
-# -------------------------------------------------- multi-program select: 3 reads of the scores
+# -------------------------------------------------- multi-program select: 2 reads of the scores
 # Pass 1 histograms the top HI bits of every key (sign, exponent and the leading mantissa bits:
 # 8 bins per power of two at HI = 12; scores bunched within one power of two, as the indexer's
-# are, give more candidates, 14 bits fewer) into one histogram per row; one program per row
-# finds the bin of the row's k-th largest key. Pass 2 counts, per chunk, the keys in bins above
-# it and compacts the keys of that bin (the candidates, typically a few hundred) into a per-row
-# buffer. One program per row then pins the k-th largest key T exactly among the candidates
-# alone, and adds each chunk's counts of keys > T and == T. Pass 3 writes the output in position
-# order. Every count is an integer sum, so nothing depends on the order in which programs run
-# (nor on the order of the candidates in their buffer).
+# are, give more candidates, 14 bits fewer) into one histogram per row (or a few partial ones
+# that are summed: fewer atomics on each hot bin); one program per row finds the bin of the row's
+# k-th largest key. Pass 2 counts, per chunk, the keys in bins above it, compacts the keys of
+# that bin (the candidates, a few hundred to a few thousand) into a per-row buffer, and lists,
+# ascending, the positions of every key in that bin or above: the only keys the output can hold
+# (k plus the candidates, a few per cent of the row). One program per row then pins the k-th
+# largest key T exactly among the candidates alone, and adds each chunk's counts of keys > T and
+# == T. Pass 3 writes the output in position order from each chunk's list (the whole chunk was
+# read here before: 3.4-4x slower, BENCHMARKS.md session 8). Every count is an integer sum, so
+# nothing depends on the order in which programs run (nor on the order of the candidates in
+# their buffer).
 CHUNK = 1024  # scores a program (1K and 2K measured on the H100: 1K as fast or faster)
 HI_BITS = 12
 
 
 @triton.jit
-def _chosen_bin(HIST, kk, NB: tl.constexpr):
-    """From a row's finished pass-1 histogram: the bin holding its kk-th largest key, and how
-    many keys are still wanted from that bin."""
+def _chosen_bin(HIST, kk, NB: tl.constexpr, SPLIT: tl.constexpr):
+    """From a row's finished pass-1 histogram (SPLIT partial ones, summed): the bin holding its
+    kk-th largest key, and how many keys are still wanted from that bin."""
     bins = tl.arange(0, NB)
     hist = tl.load(HIST + bins)
+    for g in tl.static_range(1, SPLIT):
+        hist += tl.load(HIST + g * NB + bins)
     suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in this bin or above
     chosen = tl.max(tl.where(suffix >= kk, bins, -1), 0)
     above = tl.sum(tl.where(bins > chosen, hist, 0), 0)
@@ -121,10 +143,11 @@ def _chosen_bin(HIST, kk, NB: tl.constexpr):
 
 
 @triton.jit
-def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr):
+def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr, SPLIT: tl.constexpr):
     """Per row, once: the pass-1 bin of the k-th largest key and the count wanted from it."""
     r = tl.program_id(0)
-    chosen, remaining = _chosen_bin(HIST + r * NB, tl.minimum(k, tl.load(LEN + r)), NB)
+    chosen, remaining = _chosen_bin(HIST + r * SPLIT * NB, tl.minimum(k, tl.load(LEN + r)), NB,
+                                    SPLIT)
     tl.store(SEL + 2 * r, chosen)
     tl.store(SEL + 2 * r + 1, remaining)
 
@@ -148,7 +171,7 @@ def _warp_group_count(digit):
 
 @triton.jit
 def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexpr,
-                    WARP_AGG: tl.constexpr):
+                    WARP_AGG: tl.constexpr, SPLIT: tl.constexpr):
     """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r] with L2
     atomics (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin). WARP_AGG
     (GPU): one atomic per distinct digit in a warp's 32 keys; the keys bunch into a few bins, so
@@ -162,19 +185,22 @@ def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexp
     inb = offs < row_len
     key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
     digit = (key >> (32 - HI)).to(tl.int32)
+    # SPLIT partial histograms a row (chunk c into partial c % SPLIT): fewer atomics on a hot bin
+    hist = HIST + (r * SPLIT + tl.program_id(1) % SPLIT) * (1 << HI)
     if WARP_AGG:
         n = _warp_group_count(tl.where(inb, digit, -1))
-        tl.atomic_add(HIST + r * (1 << HI) + digit, n, mask=inb & (n > 0), sem="relaxed")
+        tl.atomic_add(hist + digit, n, mask=inb & (n > 0), sem="relaxed")
     else:
-        tl.atomic_add(HIST + r * (1 << HI) + digit, tl.full([CHUNK], 1, tl.int32), mask=inb,
-                      sem="relaxed")
+        tl.atomic_add(hist + digit, tl.full([CHUNK], 1, tl.int32), mask=inb, sem="relaxed")
 
 
 @triton.jit
-def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, stride_s, stride_c, n_chunks,
-                    HI: tl.constexpr, CHUNK: tl.constexpr):
+def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s, stride_c,
+                    n_chunks, HI: tl.constexpr, CHUNK: tl.constexpr):
     """Pass 2: COUNTS[r, c, 0] = keys of chunk c in bins above the k-th key's bin; that bin's
-    keys (score and position) are appended to row r's candidate buffer."""
+    keys (score and position) are appended to row r's candidate buffer. The positions of every
+    key in that bin or above (the only ones the output can hold) go, ascending, to the chunk's
+    own region of SEL_P, NSEL[r, c] of them: pass 3 reads those instead of the whole chunk."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     start = c * CHUNK
@@ -186,22 +212,38 @@ def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, stride_s, stride
     inb = offs < row_len
     x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf"))
     digit = (_sortable(x) >> (32 - HI)).to(tl.int32)
-    tl.store(COUNTS + (r * n_chunks + c) * 2, tl.sum((inb & (digit > chosen)).to(tl.int32), 0))
+    above = inb & (digit > chosen)
     cand = inb & (digit == chosen)
+    keep = above | cand
+    n_above = tl.sum(above.to(tl.int32), 0)
+    tl.store(COUNTS + (r * n_chunks + c) * 2, n_above)
     n = tl.sum(cand.to(tl.int32), 0)
-    if n > 0:
-        slot = tl.atomic_add(NCAND + r, n, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
-        tl.store(CAND_S + r.to(tl.int64) * stride_c + slot, x, mask=cand)
-        tl.store(CAND_P + r.to(tl.int64) * stride_c + slot, offs, mask=cand)
+    tl.store(NSEL + r * n_chunks + c, n_above + n)
+    if n_above + n > 0:
+        # one scan for both ranks: kept keys in the low 16 bits, candidates above them (CHUNK
+        # <= 32768 keeps the two apart)
+        rank = tl.cumsum(keep.to(tl.int32) + (cand.to(tl.int32) << 16), 0)
+        tl.store(SEL_P + r.to(tl.int64) * stride_c + start + (rank & 0xFFFF) - 1, offs, mask=keep)
+        if n > 0:
+            slot = tl.atomic_add(NCAND + r, n, sem="relaxed") + (rank >> 16) - 1
+            tl.store(CAND_S + r.to(tl.int64) * stride_c + slot, x, mask=cand)
+            tl.store(CAND_P + r.to(tl.int64) * stride_c + slot, offs, mask=cand)
 
 
 @triton.jit
 def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunks,
-                   HI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Row r's k-th largest key T (radix passes over the candidates' low bits only) and the count
-    still wanted among the keys == T; adds each candidate > T / == T to its chunk's COUNTS."""
+                   HI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   DIGIT: tl.constexpr):
+    """Row r's k-th largest key T (radix passes of DIGIT bits over the candidates' low 32 - HI
+    bits only) and the count still wanted among the keys == T; adds each candidate > T / == T
+    to its chunk's COUNTS. Up to BLOCK candidates (the usual case) are loaded once and every pass
+    runs on registers. Narrow digits: a histogram's cost grows with its bins (tl.histogram
+    ballots each bit of the bin and each lane counts 2 * 2^DIGIT / 32 bins), so five passes of
+    4-bit digits cost less than three of 8 bits."""
     NB: tl.constexpr = 1 << HI
     LO: tl.constexpr = 32 - HI
+    N_FULL: tl.constexpr = LO // DIGIT
+    REST: tl.constexpr = LO % DIGIT
     r = tl.program_id(0)
     m = tl.load(NCAND + r)
     chosen = tl.load(SEL + 2 * r)
@@ -210,29 +252,50 @@ def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunk
     mask = tl.full([], (NB - 1) << LO, tl.uint32)
     cs = CAND_S + r.to(tl.int64) * stride_c
     cp = CAND_P + r.to(tl.int64) * stride_c
-    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, LO - 8, 8, BLOCK)
-    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, LO - 16, 8, BLOCK)
-    prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, 0, LO - 16, BLOCK)
-    for start in range(0, m, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    if m <= BLOCK:
+        offs = tl.arange(0, BLOCK)
         inb = offs < m
         key = _sortable(tl.load(cs + offs, mask=inb, other=float("-inf")))
+        for i in tl.static_range(N_FULL):
+            hist = _digit_hist(key, inb, prefix, mask, LO - DIGIT * (i + 1), DIGIT)
+            prefix, mask, remaining = _pick_digit(hist, prefix, mask, remaining,
+                                                  LO - DIGIT * (i + 1), DIGIT)
+        if REST > 0:
+            hist = _digit_hist(key, inb, prefix, mask, 0, REST)
+            prefix, mask, remaining = _pick_digit(hist, prefix, mask, remaining, 0, REST)
         at = COUNTS + (r * n_chunks + tl.load(cp + offs, mask=inb, other=0) // CHUNK) * 2
         tl.atomic_add(at, tl.full([BLOCK], 1, tl.int32), mask=inb & (key > prefix), sem="relaxed")
         tl.atomic_add(at + 1, tl.full([BLOCK], 1, tl.int32), mask=inb & (key == prefix),
                       sem="relaxed")
+    else:
+        for i in tl.static_range(N_FULL):
+            prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining,
+                                                  LO - DIGIT * (i + 1), DIGIT, BLOCK)
+        if REST > 0:
+            prefix, mask, remaining = _radix_pass(cs, m, prefix, mask, remaining, 0, REST, BLOCK)
+        for start in range(0, m, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inb = offs < m
+            key = _sortable(tl.load(cs + offs, mask=inb, other=float("-inf")))
+            at = COUNTS + (r * n_chunks + tl.load(cp + offs, mask=inb, other=0) // CHUNK) * 2
+            tl.atomic_add(at, tl.full([BLOCK], 1, tl.int32), mask=inb & (key > prefix),
+                          sem="relaxed")
+            tl.atomic_add(at + 1, tl.full([BLOCK], 1, tl.int32), mask=inb & (key == prefix),
+                          sem="relaxed")
     tl.store(THRESH + 2 * r, prefix.to(tl.int32, bitcast=True))
     tl.store(THRESH + 2 * r + 1, remaining)
 
 
 @triton.jit
-def _write_kernel(S, LEN, THRESH, COUNTS, OUT, VALS, stride_s, stride_o, k, n_chunks,
-                  CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr,
-                  WITH_VALS: tl.constexpr):
+def _write_kernel(S, LEN, THRESH, COUNTS, NSEL, SEL_P, OUT, VALS, stride_s, stride_c, stride_o, k,
+                  n_chunks, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr,
+                  BLOCK: tl.constexpr, WITH_VALS: tl.constexpr):
     """Pass 3: chunk c of row r writes its keys > T, then its share of the keys == T that the tie
     rule keeps (lowest positions first), at offsets given by the counts of the chunks before it;
-    and its share of the -1 padding after the row's kk entries. WITH_VALS: the selected scores
-    too, at the same offsets (-inf with the padding), sparing the caller a gather."""
+    and its share of the -1 padding after the row's kk entries. It reads only the chunk's keys
+    in the k-th key's bin or above (pass 2 listed their positions, ascending), BLOCK at a time.
+    WITH_VALS: the selected scores too, at the same offsets (-inf with the padding), sparing the
+    caller a gather."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     row_len = tl.load(LEN + r)
@@ -243,8 +306,7 @@ def _write_kernel(S, LEN, THRESH, COUNTS, OUT, VALS, stride_s, stride_o, k, n_ch
     tl.store(out + pad, tl.full([PAD], -1, tl.int32), mask=(pad >= kk) & (pad < k))
     if WITH_VALS:
         tl.store(vals + pad, tl.full([PAD], float("-inf"), tl.float32), mask=(pad >= kk) & (pad < k))
-    start = c * CHUNK
-    if start >= row_len:
+    if c * CHUNK >= row_len:
         return
     thresh = tl.load(THRESH + 2 * r).to(tl.uint32, bitcast=True)
     remaining = tl.load(THRESH + 2 * r + 1)
@@ -253,21 +315,28 @@ def _write_kernel(S, LEN, THRESH, COUNTS, OUT, VALS, stride_s, stride_o, k, n_ch
     counts = COUNTS + (r * n_chunks + prev) * 2
     gt_before = tl.sum(tl.load(counts, mask=prev < c, other=0), 0)
     eq_before = tl.sum(tl.load(counts + 1, mask=prev < c, other=0), 0)
-    offs = start + tl.arange(0, CHUNK)
-    inb = offs < row_len
-    x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf"))
-    key = _sortable(x)
-    gt = inb & (key > thresh)
-    eq = inb & (key == thresh)
-    pos = tl.where(x == float("-inf"), -1, offs)
-    at_gt = gt_before + tl.cumsum(gt.to(tl.int32), 0) - 1
-    tl.store(out + at_gt, pos, mask=gt)
-    c_eq = eq_before + tl.cumsum(eq.to(tl.int32), 0)
-    take = eq & (c_eq <= remaining)
-    tl.store(out + n_gt + c_eq - 1, pos, mask=take)
-    if WITH_VALS:
-        tl.store(vals + at_gt, x, mask=gt)
-        tl.store(vals + n_gt + c_eq - 1, x, mask=take)
+    n = tl.load(NSEL + r * n_chunks + c)
+    listed = SEL_P + r.to(tl.int64) * stride_c + c * CHUNK
+    row = S + r.to(tl.int64) * stride_s
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        live = j < n
+        p = tl.load(listed + j, mask=live, other=0)
+        x = tl.load(row + p, mask=live, other=float("-inf"))
+        key = _sortable(x)
+        gt = live & (key > thresh)
+        eq = live & (key == thresh)
+        pos = tl.where(x == float("-inf"), -1, p)
+        at_gt = gt_before + tl.cumsum(gt.to(tl.int32), 0) - 1
+        tl.store(out + at_gt, pos, mask=gt)
+        c_eq = eq_before + tl.cumsum(eq.to(tl.int32), 0)
+        take = eq & (c_eq <= remaining)
+        tl.store(out + n_gt + c_eq - 1, pos, mask=take)
+        if WITH_VALS:
+            tl.store(vals + at_gt, x, mask=gt)
+            tl.store(vals + n_gt + c_eq - 1, x, mask=take)
+        gt_before += tl.sum(gt.to(tl.int32), 0)
+        eq_before += tl.sum(eq.to(tl.int32), 0)
 
 
 def _real_gpu(t: torch.Tensor) -> bool:
@@ -276,14 +345,20 @@ def _real_gpu(t: torch.Tensor) -> bool:
 
 
 def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int | None = None,
-               hi_bits: int = HI_BITS, warp_agg: bool = False, values: bool = False):
-    """``topk_rows``'s contract, each row split over many programs, reading the scores three
-    times (top-digit histogram, count + candidate compaction, ordered write) plus one program
-    per row over the candidates: every SM busy at any row count. ``hi_bits`` (9..15) is the
-    width of the pass-1 digit. ``warp_agg`` (GPU only) aggregates pass 1's atomics within warps:
-    1.3-1.7x on scores bunched in a few bins, as the indexer's are, and 2-3% slower on spread
-    ones (H100, BENCHMARKS.md session 6). ``values``: return (positions, their scores), -inf
-    where the position is -1."""
+               hi_bits: int = HI_BITS, warp_agg: bool = False, values: bool = False,
+               write_block: int = 64, write_warps: int = 1, finish_warps: int = 8,
+               hist_split: int | None = None, finish_block: int = 2048, finish_digit: int = 4):
+    """``topk_rows``'s contract, each row split over many programs, reading the scores twice
+    (top-digit histogram; count + compaction) plus one program per row over the candidates and
+    an ordered write from the compacted lists: every SM busy at any row count. ``hi_bits``
+    (9..15) is the width of the pass-1 digit. ``warp_agg`` (GPU only) aggregates pass 1's
+    atomics within warps: 1.3-1.7x on scores bunched in a few bins, as the indexer's are, and
+    2-3% slower on spread ones (H100, BENCHMARKS.md session 6). ``values``: return (positions,
+    their scores), -inf where the position is -1. Tuning knobs, defaults measured on the H200
+    (BENCHMARKS.md session 8): ``chunk`` (scores a program, a power of two), ``hist_split``
+    (partial pass-1 histograms a row; default 4 up to 132 rows, else 1), ``finish_block`` /
+    ``finish_digit`` / ``finish_warps`` (the candidates' program: its block, digit width and
+    warps), ``write_block`` / ``write_warps`` (pass 3)."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
@@ -293,30 +368,42 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     if not 9 <= hi_bits <= 15:
         raise ValueError(f"topk_multi: hi_bits must lie in [9, 15], got {hi_bits}")
     chunk = chunk or CHUNK
+    if hist_split is None:  # partial histograms where few rows share the atomics: 1.1-1.4x at
+        hist_split = 4 if n <= 132 else 1  # 1-132 rows, 2% slower at 512 (H200)
+    if hist_split < 1:
+        raise ValueError(f"topk_multi: hist_split must be >= 1, got {hist_split}")
+    if chunk & (chunk - 1) or not 16 <= chunk <= 16384:
+        raise ValueError(f"topk_multi: chunk must be a power of two in [16, 16384], got {chunk}")
     n_chunks = max(1, triton.cdiv(length, chunk))
     max_chunks = triton.next_power_of_2(n_chunks)
     nb = 1 << hi_bits
-    # one zeroed workspace: histograms [n, nb], candidate counts [n], per-chunk counts [n, c, 2]
-    work = torch.zeros(n * (nb + 1 + 2 * n_chunks), dtype=torch.int32, device=scores.device)
-    hist, ncand = work[:n * nb], work[n * nb:n * (nb + 1)]
-    counts = work[n * (nb + 1):]
+    # one zeroed workspace: histograms [n, split, nb], candidate counts [n], chunk counts [n, c, 2]
+    work = torch.zeros(n * (hist_split * nb + 1 + 2 * n_chunks), dtype=torch.int32,
+                       device=scores.device)
+    hist, ncand = work[:n * hist_split * nb], work[n * hist_split * nb:n * (hist_split * nb + 1)]
+    counts = work[n * (hist_split * nb + 1):]
     cand_s = torch.empty((n, length), dtype=torch.float32, device=scores.device)
     cand_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
+    sel_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
+    nsel = torch.empty((n, n_chunks), dtype=torch.int32, device=scores.device)
     sel = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
     thresh = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
     grid = (n, n_chunks)
     warps = 8 if chunk >= 4096 else 4
     _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
-                          WARP_AGG=warp_agg and _real_gpu(scores), num_warps=warps)
-    _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, num_warps=8)
-    _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, scores.stride(0),
-                          length, n_chunks, HI=hi_bits, CHUNK=chunk, num_warps=warps)
+                          WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
+                          num_warps=warps)
+    _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, num_warps=8)
+    _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
+                          scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
+                          num_warps=warps)
     _finish_kernel[(n,)](sel, ncand, cand_s, cand_p, counts, thresh, length, n_chunks,
-                         HI=hi_bits, CHUNK=chunk, BLOCK=2048, num_warps=8)
-    _write_kernel[grid](scores, lengths, thresh, counts, out, vals, scores.stride(0), out.stride(0),
-                        k, n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
-                        PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), WITH_VALS=values,
-                        num_warps=warps)
+                         HI=hi_bits, CHUNK=chunk, BLOCK=finish_block, DIGIT=finish_digit,
+                         num_warps=finish_warps)
+    _write_kernel[grid](scores, lengths, thresh, counts, nsel, sel_p, out, vals, scores.stride(0),
+                        length, out.stride(0), k, n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
+                        PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), BLOCK=write_block,
+                        WITH_VALS=values, num_warps=write_warps)
     return (out, vals) if values else out
 
 
@@ -325,8 +412,9 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: boo
     """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
     ``topk_rows`` at every size measured on the H100 and the H200, 1 x 128K to 1024 x 32K, and
     than a one-program-a-row version of its own three reads (1.5-7x slower on the H200; not
-    kept, BENCHMARKS.md). Temporary memory: about twice the scores (the candidate buffers,
-    sized for the worst case of every key tied) plus 2^hi_bits x 4 bytes of histogram a row.
+    kept, BENCHMARKS.md). Temporary memory: about three times the scores (the candidate buffers
+    and the position lists, sized for the worst case of every key tied) plus up to 4 x 2^hi_bits
+    x 4 bytes of histograms a row.
     ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``: see ``topk_multi``."""
     return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits)
 

@@ -189,10 +189,16 @@ def test_topk_rows_exact_sets_and_ties():
     got8 = K.topk_rows(s.to(DEV), lens.to(DEV), k, byte_digits=True).cpu()
     assert torch.equal(got, got8)  # same deterministic output from both digit schedules
     # the multi-program radix select: same deterministic output (ascending positions, padding)
-    for chunk, hi in (((1024, 11), (4096, 9), (2048, 15)) if ON_GPU else
-                      ((128, 11), (512, 9), (128, 15))):
-        assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk,
-                                             hi_bits=hi).cpu(), got), (chunk, hi)
+    # small write blocks: a chunk's listed keys take several steps of pass 3; small finish
+    # blocks: the candidates overflow the block and every pass loops over them
+    for chunk, hi, wb, fb, digit in (
+            ((1024, 11, 128, 4096, 4), (4096, 9, 16, 64, 8), (2048, 15, 512, 128, 4)) if ON_GPU
+            else ((128, 11, 128, 4096, 4), (512, 9, 16, 64, 8), (128, 15, 8, 32, 4))):
+        for split in (1, 3):
+            assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk,
+                                                 hi_bits=hi, write_block=wb, finish_block=fb,
+                                                 finish_digit=digit, hist_split=split).cpu(),
+                               got), (chunk, hi, wb, fb, split)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -205,10 +211,16 @@ def test_topk_rows_exact_sets_and_ties():
         assert (got[r][n_valid:] == -1).all(), r
 
 
-def test_topk_multi_names_a_bad_digit_width():
+def test_topk_multi_names_a_bad_digit_width_or_chunk():
     s = torch.randn(2, 64).to(DEV)
+    lens = torch.full((2,), 64, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="hi_bits must lie in"):
-        K.topk.topk_multi(s, torch.full((2,), 64, dtype=torch.int32, device=DEV), 8, hi_bits=16)
+        K.topk.topk_multi(s, lens, 8, hi_bits=16)
+    for chunk in (96, 32768):
+        with pytest.raises(ValueError, match="chunk must be a power of two"):
+            K.topk.topk_multi(s, lens, 8, chunk=chunk)
+    with pytest.raises(ValueError, match="hist_split must be >= 1"):
+        K.topk.topk_multi(s, lens, 8, hist_split=0)
 
 
 def test_topk_sweep():
