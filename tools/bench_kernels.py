@@ -199,10 +199,16 @@ def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
         for name, fn in cands:
             assert torch.equal(fn()[0], want), (b, name)
             rows.append(dict(name=f"indexer select B={b} ctx={ctx}: {name}, CUDA graph", ms=bench(graph_replay(fn))))
-        ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
         nbytes = b * ctx * (d + 4)
-        rows.append(dict(name=f"indexer+top-k (the op) B={b} ctx={ctx}, CUDA graph", ms=ms,
-                         pct_hbm=100 * nbytes / ms / 1e6 / bw))
+        base = K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx, fused_first_pass=False)
+        for fused in (False, True):  # the top-k's pass 1 in its own kernel, or in the logits kernel
+            fn = lambda fused=fused: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk,  # noqa: E731
+                                                    max_seqlen_k=ctx, fused_first_pass=fused)
+            got = fn()
+            assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1]), (b, fused)
+            ms = bench(graph_replay(fn))
+            rows.append(dict(name=f"indexer+top-k (the op) B={b} ctx={ctx} fused pass 1={fused}, CUDA graph",
+                             ms=ms, pct_hbm=100 * nbytes / ms / 1e6 / bw))
         del kq, ks, scores
 
 

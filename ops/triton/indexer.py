@@ -11,7 +11,10 @@ are skipped (their scores stay -inf). Queries are processed in chunks so that th
 matrix held at once is bounded (``max_chunk_elements``), then each chunk goes through the radix
 top-k. The launch table is built on the device: no host sync when the caller passes the step's
 ``max_seqlen_k``, so a decode step can be captured in a CUDA graph; with one token a run (decode)
-one small kernel builds it and the top-k's row lengths (``decode_plan``).
+one small kernel builds it and the top-k's row lengths (``decode_plan``). With
+``fused_first_pass`` the logits kernel also counts the top-k's first-pass histogram from the
+scores in its registers, and the select skips its own pass over them (off by default: not yet run
+on a GPU).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ import triton
 import triton.language as tl
 from dsa_ascend import paging
 
-from .topk import HI_BITS, select_topk
+from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, select_topk
+
+# Whether indexer_topk counts the top-k's first pass in the logits kernel. Off until it has run
+# on a GPU: written and tested under the Triton interpreter only (BENCHMARKS.md, session 8).
+FUSED_FIRST_PASS = False
 
 
 @triton.jit
@@ -35,11 +42,12 @@ def _key_slots(bt_row, offs_n, last_pos, block_size):
 
 @triton.jit
 def _indexer_logits_kernel(
-    Q, W, KC, KS, BT, PROG, OUT,
+    Q, W, KC, KS, BT, PROG, OUT, HIST,
     stride_qt, stride_wt, stride_bt, width,
     t0, block_size, tiles_per_prog,
     H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    DO_HIST: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr,
 ):
     p = tl.program_id(0)
     row = tl.load(PROG + p * 4 + 0)
@@ -68,6 +76,8 @@ def _indexer_logits_kernel(
     mmask = tok < t_end
     pos = pos_start + offs_m
     out_rows = OUT + (tok - t0).to(tl.int64) * width
+    # this program's partial histogram of each of its rows (HIST: topk.hist_workspace's layout)
+    hist_rows = HIST + ((tok - t0).to(tl.int64) * SPLIT + tl.program_id(1) % SPLIT) * (1 << HI)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     slot_next = _key_slots(BT + row * stride_bt, offs_n, last_pos, block_size)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -86,17 +96,29 @@ def _indexer_logits_kernel(
         score = tl.sum(tl.reshape(s, (BLOCK_N, BLOCK_M, H_PAD)), 2)  # [BLOCK_N, BLOCK_M]
         if HAS_SCALE:
             score = score * tl.load(KS + slot, mask=nmask, other=0.0)[:, None]
-        score = tl.where(offs_n[:, None] <= pos[None, :], score, float("-inf"))
+        seen = offs_n[:, None] <= pos[None, :]
+        score = tl.where(seen, score, float("-inf"))
         tl.store(out_rows[None, :] + offs_n[:, None], score, mask=mmask[None, :])
+        if DO_HIST:  # the top-k's pass 1 on the scores in registers: each row's keys 0..pos
+            # One plain atomic a key: the head reduction leaves each score replicated over the
+            # lanes that held its heads, and Triton issues an atomic from one replica only; a
+            # warp-aggregated count (topk._warp_group_count) would count every replica.
+            digit = (_sortable(score) >> (32 - HI)).to(tl.int32)
+            tl.atomic_add(hist_rows[None, :] + digit, tl.full([BLOCK_N, BLOCK_M], 1, tl.int32),
+                          mask=seen & mmask[None, :], sem="relaxed")
 
 
 def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_size, block_m,
-                   block_n, num_warps=None, num_stages=3, tiles_per_prog=None):
+                   block_n, num_warps=None, num_stages=3, tiles_per_prog=None, hist=None,
+                   hi_bits=HI_BITS, hist_split=1):
     """Scores [t1 - t0, width] float32 of queries t0..t1 (programs ``progs``, from ``programs``).
     ``width`` is a multiple of ``block_n``. A row is written over every key tile up to its
     program's last query (-inf past the row's own position); tiles beyond are left unwritten,
     not filled (a full -inf fill cost one more write of the whole matrix): readers take row r
-    over [0, pos(r)] only, as the top-k does through its row lengths."""
+    over [0, pos(r)] only, as the top-k does through its row lengths. ``hist`` (zeroed,
+    ``topk.hist_workspace(t1 - t0, hi_bits, hist_split)``): the kernel also counts the top
+    ``hi_bits`` of each row's keys 0..pos(r) into it, the top-k's first pass done on the scores
+    while they are in registers."""
     t, h, d = q.shape
     scores = torch.empty((t1 - t0, width), dtype=torch.float32, device=q.device)
     n_tiles = width // block_n
@@ -111,10 +133,11 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
     grid = (progs.shape[0], triton.cdiv(n_tiles, tiles_per_prog))
     _indexer_logits_kernel[grid](
         q, weights, kc, ks if ks is not None else weights, block_table, progs, scores,
+        hist if hist is not None else progs,
         q.stride(0), weights.stride(0), block_table.stride(0), width,
         t0, block_size, tiles_per_prog,
         H=h, H_PAD=h_pad, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SCALE=ks is not None,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, DO_HIST=hist is not None, HI=hi_bits, SPLIT=hist_split,
         num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8), num_stages=num_stages,
     )
     return scores
@@ -190,11 +213,14 @@ def programs(cu_seqlens_q, rows, pos, t0: int, t1: int, block_m: int) -> torch.T
 
 def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
                  max_seqlen_k: int | None = None, block_m: int | None = None,
-                 block_n: int | None = None, max_chunk_elements: int = 1 << 26):
+                 block_n: int | None = None, max_chunk_elements: int = 1 << 26,
+                 fused_first_pass: bool = FUSED_FIRST_PASS):
     """The ``dsa.indexer_topk`` op (see dsa_ascend/ops.py): indices int32 [T, topk] with -1
     padding (valid entries first, ascending positions) and their float32 scores. With
     ``max_seqlen_k`` (host metadata) there is no host sync (the launch is planned on the device),
-    so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k)."""
+    so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k).
+    ``fused_first_pass``: the top-k's pass-1 histogram counted by the logits kernel (same output,
+    bit for bit)."""
     t, h, d = q.shape
     device = q.device
     if t == 0:
@@ -224,13 +250,18 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         else:
             progs = programs(cu_seqlens_q, rows, pos, t0, t1, block_m)
             row_len = (pos[t0:t1] + 1).clamp_max(width).to(torch.int32)
-        scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
-                                k_cache.shape[1], block_m, block_n)
-        # indexer scores bunch into a few histogram bins: warp-aggregated atomics (1.3-1.7x);
         # a 13-bit first digit for up to 8 decode rows (fewer candidates for the one program a
         # row that pins the k-th key: 4-16% faster there, H200; 12 bits win from 16 rows up)
         hi_bits = HI_BITS + 1 if block_m == 1 and t1 - t0 <= 8 else HI_BITS
-        parts.append(select_topk(scores, row_len, topk, values=True, warp_agg=True, hi_bits=hi_bits))
+        # fused_first_pass: the top-k's pass 1 runs in the logits kernel, on the scores in
+        # registers; else in the select's own pass over them (indexer scores bunch into a few
+        # bins: warp-aggregated atomics there, 1.3-1.7x)
+        hist = hist_workspace(t1 - t0, hi_bits, device=device) if fused_first_pass else None
+        scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
+                                k_cache.shape[1], block_m, block_n, hist=hist, hi_bits=hi_bits,
+                                hist_split=default_hist_split(t1 - t0))
+        parts.append(select_topk(scores, row_len, topk, values=True, warp_agg=True,
+                                 hi_bits=hi_bits, hist=hist))
     if len(parts) == 1:  # decode and short prefill: no copy into a joined output
         return parts[0]
     return torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])

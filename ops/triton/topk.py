@@ -339,6 +339,21 @@ def _write_kernel(S, LEN, THRESH, COUNTS, NSEL, SEL_P, OUT, VALS, stride_s, stri
         eq_before += tl.sum(eq.to(tl.int32), 0)
 
 
+def default_hist_split(n_rows: int) -> int:
+    """Partial pass-1 histograms a row: 4 where few rows share the atomics (1.1-1.4x at 1-132
+    rows), 1 from 133 rows up (1-4% faster at 512; H200, BENCHMARKS.md session 8)."""
+    return 4 if n_rows <= 132 else 1
+
+
+def hist_workspace(n_rows: int, hi_bits: int = HI_BITS, hist_split: int | None = None,
+                   device=None) -> torch.Tensor:
+    """A zeroed pass-1 histogram for ``topk_multi(..., hist=)``: int32 [n_rows * split * 2^hi_bits]
+    (row r's partial g at (r * split + g) * 2^hi_bits), for a producer that counts the top
+    ``hi_bits`` of each sortable key itself (the indexer's logits kernel does)."""
+    split = default_hist_split(n_rows) if hist_split is None else hist_split
+    return torch.zeros(n_rows * split * (1 << hi_bits), dtype=torch.int32, device=device)
+
+
 def _real_gpu(t: torch.Tensor) -> bool:
     """A CUDA tensor and no Triton interpreter (which runs no inline PTX)."""
     return t.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
@@ -347,7 +362,8 @@ def _real_gpu(t: torch.Tensor) -> bool:
 def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int | None = None,
                hi_bits: int = HI_BITS, warp_agg: bool = False, values: bool = False,
                write_block: int = 64, write_warps: int = 1, finish_warps: int = 8,
-               hist_split: int | None = None, finish_block: int = 2048, finish_digit: int = 4):
+               hist_split: int | None = None, finish_block: int = 2048, finish_digit: int = 4,
+               hist: torch.Tensor | None = None):
     """``topk_rows``'s contract, each row split over many programs, reading the scores twice
     (top-digit histogram; count + compaction) plus one program per row over the candidates and
     an ordered write from the compacted lists: every SM busy at any row count. ``hi_bits``
@@ -358,7 +374,9 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     (BENCHMARKS.md session 8): ``chunk`` (scores a program, a power of two), ``hist_split``
     (partial pass-1 histograms a row; default 4 up to 132 rows, else 1), ``finish_block`` /
     ``finish_digit`` / ``finish_warps`` (the candidates' program: its block, digit width and
-    warps), ``write_block`` / ``write_warps`` (pass 3)."""
+    warps), ``write_block`` / ``write_warps`` (pass 3). ``hist``: pass 1 already done by the
+    caller (``hist_workspace``'s layout, the same ``hi_bits`` and ``hist_split``, counting exactly
+    the keys before each row's length): it is skipped."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
@@ -368,8 +386,7 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     if not 9 <= hi_bits <= 15:
         raise ValueError(f"topk_multi: hi_bits must lie in [9, 15], got {hi_bits}")
     chunk = chunk or CHUNK
-    if hist_split is None:  # partial histograms where few rows share the atomics: 1.1-1.4x at
-        hist_split = 4 if n <= 132 else 1  # 1-132 rows, 2% slower at 512 (H200)
+    hist_split = default_hist_split(n) if hist_split is None else hist_split
     if hist_split < 1:
         raise ValueError(f"topk_multi: hist_split must be >= 1, got {hist_split}")
     if chunk & (chunk - 1) or not 16 <= chunk <= 16384:
@@ -377,11 +394,18 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     n_chunks = max(1, triton.cdiv(length, chunk))
     max_chunks = triton.next_power_of_2(n_chunks)
     nb = 1 << hi_bits
-    # one zeroed workspace: histograms [n, split, nb], candidate counts [n], chunk counts [n, c, 2]
-    work = torch.zeros(n * (hist_split * nb + 1 + 2 * n_chunks), dtype=torch.int32,
-                       device=scores.device)
-    hist, ncand = work[:n * hist_split * nb], work[n * hist_split * nb:n * (hist_split * nb + 1)]
-    counts = work[n * (hist_split * nb + 1):]
+    n_hist = n * hist_split * nb
+    if hist is not None and (hist.dtype != torch.int32 or hist.numel() != n_hist
+                             or hist.device != scores.device):
+        raise ValueError(f"topk_multi: hist must be int32 [{n_hist}] on {scores.device} (rows x "
+                         f"hist_split x 2^hi_bits), got {hist.dtype} {tuple(hist.shape)} on "
+                         f"{hist.device}")
+    # one zeroed workspace: [histograms [n, split, nb],] candidate counts [n], chunk counts [n, c, 2]
+    own = 0 if hist is not None else n_hist
+    work = torch.zeros(own + n * (1 + 2 * n_chunks), dtype=torch.int32, device=scores.device)
+    ncand, counts = work[own:own + n], work[own + n:]
+    hist_done = hist is not None
+    hist = hist if hist_done else work[:n_hist]
     cand_s = torch.empty((n, length), dtype=torch.float32, device=scores.device)
     cand_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
     sel_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
@@ -390,9 +414,10 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     thresh = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
     grid = (n, n_chunks)
     warps = 8 if chunk >= 4096 else 4
-    _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
-                          WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
-                          num_warps=warps)
+    if not hist_done:
+        _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
+                              WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
+                              num_warps=warps)
     _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, num_warps=8)
     _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
                           scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
@@ -408,15 +433,16 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
 
 
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
-                warp_agg: bool = False, hi_bits: int = HI_BITS):
+                warp_agg: bool = False, hi_bits: int = HI_BITS, hist: torch.Tensor | None = None):
     """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
     ``topk_rows`` at every size measured on the H100 and the H200, 1 x 128K to 1024 x 32K, and
     than a one-program-a-row version of its own three reads (1.5-7x slower on the H200; not
     kept, BENCHMARKS.md). Temporary memory: about three times the scores (the candidate buffers
     and the position lists, sized for the worst case of every key tied) plus up to 4 x 2^hi_bits
     x 4 bytes of histograms a row.
-    ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``: see ``topk_multi``."""
-    return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits)
+    ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``, ``hist``: see ``topk_multi``."""
+    return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits,
+                      hist=hist)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

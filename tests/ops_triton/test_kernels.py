@@ -383,6 +383,73 @@ def test_indexer_topk_device_planned_launch_is_identical():
     assert int(idx.max()) < triton.cdiv(short, 128) * 128
 
 
+def _sortable_keys(x):
+    """The top-k's order-preserving uint32 keys of float32 scores (-0.0 as +0.0), as int64."""
+    b = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(b >> 31 != 0, ~b & 0xFFFFFFFF, b | 0x80000000)
+
+
+@pytest.mark.parametrize("block_m", [1, 2])
+def test_indexer_logits_counts_the_topk_first_pass(block_m):
+    """The logits kernel's fused pass 1 of the top-k: per row, the histogram of the top hi_bits
+    of the keys of its own scores over [0, pos], summed over the partial histograms, exactly."""
+    g = _gen(29 + block_m)
+    h, d = 16, 128
+    q_lens, kv_lens = ([5, 1, 3], [700, 1, 259]) if ON_GPU else ([5, 1, 3], [70, 1, 33])
+    cache, table = _paged(kv_lens, d, 16, g)
+    t = sum(q_lens)
+    q = torch.randn(t, h, d, generator=g).to(LOWP)
+    w = torch.rand(t, h, generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
+    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
+    rows = paging.token_rows(cu, t)
+    pos = paging.query_positions(cu, sk, t, rows=rows)
+    block_n = 32
+    width = triton.cdiv(max(kv_lens), block_n) * block_n
+    for hi, split in ((12, 1), (13, 4)):
+        for t0, t1 in ((0, t), (2, t)):
+            progs = (K.indexer.decode_plan(cu, sk, t0, t1, width)[0] if block_m == 1 else
+                     K.indexer.programs(cu, rows, pos, t0, t1, block_m))
+            hist = K.topk.hist_workspace(t1 - t0, hi, split, device=DEV)
+            scores = K.indexer.indexer_logits(
+                q.to(DEV), w.to(DEV), cache.to(LOWP).to(DEV).view(-1, d), None, table.to(DEV),
+                progs, t0, t1, width, 16, block_m, block_n, hist=hist, hi_bits=hi,
+                hist_split=split).cpu()
+            got = hist.cpu().view(t1 - t0, split, 1 << hi).sum(1)
+            for r in range(t1 - t0):
+                n = int(pos[t0 + r]) + 1
+                want = torch.bincount(_sortable_keys(scores[r, :n]) >> (32 - hi), minlength=1 << hi)
+                assert torch.equal(got[r], want.int()), (hi, split, t0, r)
+
+
+def test_indexer_topk_fused_first_pass_is_the_plain_select():
+    """The op, with pass 1 fused into the logits kernel or not, returns, bit for bit, the plain
+    select of its scores."""
+    g = _gen(31)
+    h, d, topk = 16, 128, (2048 if ON_GPU else 16)
+    q_lens, kv_lens = ([1, 4, 1], [3000, 2200, 5]) if ON_GPU else ([1, 4, 1], [70, 50, 5])
+    cache, table = _paged(kv_lens, d, 16, g)
+    t = sum(q_lens)
+    q = torch.randn(t, h, d, generator=g).to(LOWP).to(DEV)
+    w = torch.rand(t, h, generator=g).to(DEV)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
+    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
+    kc, tb = cache.to(LOWP).to(DEV), table.to(DEV)
+    rows = paging.token_rows(cu, t)
+    pos = paging.query_positions(cu, sk, t, rows=rows)
+    block_n = 32 if LOWP == torch.float32 else 128
+    width = triton.cdiv(max(kv_lens), block_n) * block_n
+    for block_m, fused in ((1, True), (2, True), (2, False)):
+        idx, val = K.indexer_topk(q, w, kc, None, tb, cu, sk, topk, block_m=block_m,
+                                  block_n=block_n, fused_first_pass=fused)
+        progs = (K.indexer.decode_plan(cu, sk, 0, t, width)[0] if block_m == 1 else
+                 K.indexer.programs(cu, rows, pos, 0, t, block_m))
+        scores = K.indexer.indexer_logits(q, w, kc.view(-1, d), None, tb, progs, 0, t, width, 16,
+                                          block_m, block_n)
+        want_i, want_v = K.topk.topk_multi(scores, (pos + 1).int(), topk, values=True)
+        assert torch.equal(idx, want_i) and torch.equal(val, want_v), block_m
+
+
 @pytest.mark.parametrize("n", [2, 64, 128, 1024])
 def test_hadamard_kernel_is_bit_identical_to_reference(n):
     """Same float32 butterflies in the same order as the reference: identical bits, so the cuda
