@@ -137,7 +137,9 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
         q.stride(0), weights.stride(0), block_table.stride(0), width,
         t0, block_size, tiles_per_prog,
         H=h, H_PAD=h_pad, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SCALE=ks is not None,
-        IEEE=q.dtype == torch.float32, DO_HIST=hist is not None, HI=hi_bits, SPLIT=hist_split,
+        IEEE=q.dtype == torch.float32, DO_HIST=hist is not None,
+        # constexprs of the histogram: fixed without one, so they add no compiled variants
+        HI=hi_bits if hist is not None else HI_BITS, SPLIT=hist_split if hist is not None else 1,
         num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8), num_stages=num_stages,
     )
     return scores

@@ -121,7 +121,7 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 # (k plus the candidates, a few per cent of the row). One program per row then pins the k-th
 # largest key T exactly among the candidates alone, and adds each chunk's counts of keys > T and
 # == T. Pass 3 writes the output in position order from each chunk's list (the whole chunk was
-# read here before: 3.4-4x slower, BENCHMARKS.md session 8). Every count is an integer sum, so
+# read here before: 3.2-4x slower, BENCHMARKS.md session 8). Every count is an integer sum, so
 # nothing depends on the order in which programs run (nor on the order of the candidates in
 # their buffer).
 CHUNK = 1024  # scores a program (1K and 2K measured on the H100: 1K as fast or faster)
@@ -221,7 +221,7 @@ def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, str
     tl.store(NSEL + r * n_chunks + c, n_above + n)
     if n_above + n > 0:
         # one scan for both ranks: kept keys in the low 16 bits, candidates above them (CHUNK
-        # <= 32768 keeps the two apart)
+        # <= 16384, checked by topk_multi, keeps the two apart and the sum below 2^31)
         rank = tl.cumsum(keep.to(tl.int32) + (cand.to(tl.int32) << 16), 0)
         tl.store(SEL_P + r.to(tl.int64) * stride_c + start + (rank & 0xFFFF) - 1, offs, mask=keep)
         if n > 0:

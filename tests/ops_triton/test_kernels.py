@@ -221,6 +221,8 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
             K.topk.topk_multi(s, lens, 8, chunk=chunk)
     with pytest.raises(ValueError, match="hist_split must be >= 1"):
         K.topk.topk_multi(s, lens, 8, hist_split=0)
+    with pytest.raises(ValueError, match="hist must be int32"):
+        K.topk.topk_multi(s, lens, 8, hist=torch.zeros(7, dtype=torch.int32, device=DEV))
 
 
 def test_topk_sweep():
