@@ -258,10 +258,11 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # fused_first_pass: the top-k's pass 1 runs in the logits kernel, on the scores in
         # registers; else in the select's own pass over them (indexer scores bunch into a few
         # bins: warp-aggregated atomics there, 1.3-1.7x)
-        hist = hist_workspace(t1 - t0, hi_bits, device=device) if fused_first_pass else None
+        split = default_hist_split(t1 - t0)  # the select's own rule, so the layouts agree
+        hist = hist_workspace(t1 - t0, hi_bits, split, device) if fused_first_pass else None
         scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
                                 k_cache.shape[1], block_m, block_n, hist=hist, hi_bits=hi_bits,
-                                hist_split=default_hist_split(t1 - t0))
+                                hist_split=split)
         parts.append(select_topk(scores, row_len, topk, values=True, warp_agg=True,
                                  hi_bits=hi_bits, hist=hist))
     if len(parts) == 1:  # decode and short prefill: no copy into a joined output

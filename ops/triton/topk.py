@@ -407,11 +407,13 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     hist_done = hist is not None
     hist = hist if hist_done else work[:n_hist]
     cand_s = torch.empty((n, length), dtype=torch.float32, device=scores.device)
-    cand_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
-    sel_p = torch.empty((n, length), dtype=torch.int32, device=scores.device)
-    nsel = torch.empty((n, n_chunks), dtype=torch.int32, device=scores.device)
-    sel = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
-    thresh = torch.empty((n, 2), dtype=torch.int32, device=scores.device)
+    # one uninitialized int32 buffer (fewer allocations a call): candidate positions [n, L],
+    # listed positions [n, L], listed counts [n, c], the chosen bins [n, 2], thresholds [n, 2]
+    ints = torch.empty(n * (2 * length + n_chunks + 4), dtype=torch.int32, device=scores.device)
+    cand_p, sel_p = ints[:n * length].view(n, length), ints[n * length:2 * n * length].view(n, length)
+    nsel = ints[2 * n * length:n * (2 * length + n_chunks)]
+    sel = ints[n * (2 * length + n_chunks):n * (2 * length + n_chunks + 2)]
+    thresh = ints[n * (2 * length + n_chunks + 2):]
     grid = (n, n_chunks)
     warps = 8 if chunk >= 4096 else 4
     if not hist_done:
