@@ -67,6 +67,7 @@ class PagedCache:
         self.max_blocks = -(-max_seq_len // block_size)
         num_blocks = max_batch_size * self.max_blocks
         self.device = device
+        self._pinned = torch.device(device).type == "cuda"
         self.layers = [
             LayerCache(
                 kv=torch.zeros(num_blocks, block_size, kv_width,
@@ -122,30 +123,46 @@ class PagedCache:
                 grown.append(r)
         for r in grown:
             table = self._tables[r]
-            self.block_table[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            self.block_table[r, : len(table)].copy_(self._staged(torch.tensor(table, dtype=torch.int32)),
+                                                    non_blocking=self._pinned)
         for r, s, n in zip(rows, start_pos, q_lens):
             self.lengths[r] = s + n
 
+        # All of the step's metadata goes to the device in one copy from pinned memory, queued
+        # behind the work already in flight: no host sync, so a chunked prefill keeps the device
+        # busy while the host prepares the next chunk.
+        bs = self.block_size
+        positions, slots = [], []
+        for r, s, n in zip(rows, start_pos, q_lens):
+            pos = torch.arange(s, s + n)
+            first = s // bs
+            pages = torch.tensor(self._tables[r][first: (s + n - 1) // bs + 1], dtype=torch.int64)
+            positions.append(pos)
+            slots.append(pages[pos // bs - first] * bs + pos % bs)
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start_pos, q_lens)])
-        token_row = torch.repeat_interleave(torch.tensor(rows), torch.tensor(q_lens))
-        host_blocks = torch.tensor(
-            [self._tables[r][p // self.block_size] for r, p in zip(token_row.tolist(),
-                                                                    positions.tolist())])
-        slot_mapping = host_blocks * self.block_size + positions % self.block_size
-        dev = self.device
+        seqlens_k = [s + n for s, n in zip(start_pos, q_lens)]
+        small = torch.tensor(cu + seqlens_k + rows, dtype=torch.int64)
+        meta = self._staged(torch.cat(positions + slots + [small]))
+        meta = meta.to(self.device, non_blocking=self._pinned)
+        t, nr = len(meta) - len(small), len(rows)
+        positions_d, slots_d = meta[: t // 2], meta[t // 2: t]
+        small_d = meta[t:]
         return Step(
             rows=rows, start_pos=start_pos, q_lens=q_lens,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev),
-            seqlens_k=torch.tensor([s + n for s, n in zip(start_pos, q_lens)],
-                                   dtype=torch.int32).to(dev),
-            block_table=self.block_table[torch.tensor(rows, device=dev)],
-            positions=positions.to(dev),
-            slot_mapping=slot_mapping.to(dev),
-            max_seqlen_k=max(s + n for s, n in zip(start_pos, q_lens)),
+            cu_seqlens_q=small_d[: nr + 1].to(torch.int32),
+            seqlens_k=small_d[nr + 1: 2 * nr + 1].to(torch.int32),
+            block_table=self.block_table[small_d[2 * nr + 1:]],
+            positions=positions_d,
+            slot_mapping=slots_d,
+            max_seqlen_k=max(seqlens_k),
         )
+
+    def _staged(self, host: Tensor) -> Tensor:
+        """``host`` in pinned memory where the cache lives on a CUDA device (so that a
+        non_blocking copy of it is truly asynchronous); unchanged elsewhere."""
+        return host.pin_memory() if self._pinned else host
 
     # ---------------------------------------------------------------------------- writes
     def store_kv(self, layer: int, step: Step, kv: Tensor) -> None:
