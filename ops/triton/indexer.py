@@ -13,8 +13,9 @@ top-k. The launch table is built on the device: no host sync when the caller pas
 ``max_seqlen_k``, so a decode step can be captured in a CUDA graph; with one token a run (decode)
 one small kernel builds it and the top-k's row lengths (``decode_plan``). With
 ``fused_first_pass`` the logits kernel also counts the top-k's first-pass histogram from the
-scores in its registers, and the select skips its own pass over them (off by default: not yet run
-on a GPU).
+scores in its registers, and the select skips its own pass over them: by default for decode
+chunks of up to ``FUSED_MAX_ROWS`` rows, where it saves 3-10% (a prefill chunk's one atomic a key
+cost more than the select's warp-aggregated pass; H200, BENCHMARKS.md session 9).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from dsa_ascend import paging
 
 from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, select_topk
 
-# Whether indexer_topk counts the top-k's first pass in the logits kernel. Off until it has run
-# on a GPU: written and tested under the Triton interpreter only (BENCHMARKS.md, session 8).
-FUSED_FIRST_PASS = False
+# indexer_topk's default for fused_first_pass: decode chunks (one token a program) of at most
+# this many rows. H200, 128K keys, indexer + top-k: B=1 0.0433 -> 0.0392 ms, B=8 0.103 -> 0.094,
+# B=32 0.256 -> 0.249, B=64 0.454 -> 0.441; a 4096-token prefill chunk 19.1 -> 23.7 ms (slower).
+FUSED_MAX_ROWS = 64
 
 
 @triton.jit
@@ -216,13 +218,13 @@ def programs(cu_seqlens_q, rows, pos, t0: int, t1: int, block_m: int) -> torch.T
 def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
                  max_seqlen_k: int | None = None, block_m: int | None = None,
                  block_n: int | None = None, max_chunk_elements: int = 1 << 26,
-                 fused_first_pass: bool = FUSED_FIRST_PASS):
+                 fused_first_pass: bool | None = None):
     """The ``dsa.indexer_topk`` op (see dsa_ascend/ops.py): indices int32 [T, topk] with -1
     padding (valid entries first, ascending positions) and their float32 scores. With
     ``max_seqlen_k`` (host metadata) there is no host sync (the launch is planned on the device),
     so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k).
     ``fused_first_pass``: the top-k's pass-1 histogram counted by the logits kernel (same output,
-    bit for bit)."""
+    bit for bit); None: for decode chunks of up to ``FUSED_MAX_ROWS`` rows."""
     t, h, d = q.shape
     device = q.device
     if t == 0:
@@ -259,7 +261,9 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # registers; else in the select's own pass over them (indexer scores bunch into a few
         # bins: warp-aggregated atomics there, 1.3-1.7x)
         split = default_hist_split(t1 - t0)  # the select's own rule, so the layouts agree
-        hist = hist_workspace(t1 - t0, hi_bits, split, device) if fused_first_pass else None
+        fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS if fused_first_pass is None
+                else fused_first_pass)
+        hist = hist_workspace(t1 - t0, hi_bits, split, device) if fuse else None
         scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
                                 k_cache.shape[1], block_m, block_n, hist=hist, hi_bits=hi_bits,
                                 hist_split=split)
