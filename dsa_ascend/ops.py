@@ -29,6 +29,7 @@ from . import kv_fp8
 from .quant import FP8_DTYPE
 
 OP_NAMES = (
+    "rope",
     "hadamard_rotate",
     "quantize_fp8",
     "quantize_int8",
@@ -52,6 +53,18 @@ def _check(cond: bool, msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- argument checks
+def _check_rope(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    _check(x.dim() in (2, 3) and x.is_floating_point() and x.dtype != FP8_DTYPE,
+           f"rope: x must be a float [T, d] or [T, H, d], got {x.dtype} {tuple(x.shape)}")
+    t, d = x.shape[0], x.shape[-1]
+    for name, c in (("cos", cos), ("sin", sin)):
+        _check(c.dim() == 2 and c.shape[0] == t and c.dtype == torch.float32,
+               f"rope: {name} must be float32 [{t}, n], got {c.dtype} {tuple(c.shape)}")
+    _check(cos.shape == sin.shape and 0 < 2 * cos.shape[1] <= d,
+           f"rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must match, with 0 < 2n <= "
+           f"d={d}")
+
+
 def _check_hadamard(x: Tensor) -> None:
     n = x.shape[-1] if x.dim() else 0
     _check(x.dim() >= 1 and n > 0 and n & (n - 1) == 0,
@@ -161,6 +174,23 @@ def _check_sparse_mla(name: str, q: Tensor, kv_cache: Tensor, indices: Tensor, d
 
 
 # ------------------------------------------------------------------------------- the ops
+@custom_op("dsa::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, backend: str) -> Tensor:
+    """Rotary embedding (DSA_SPEC §3) of the first 2n channels of x's last dim, the rest passed
+    through: x [T, d] or [T, H, d] (every head alike), cos / sin float32 [T, n] (the angles of
+    each token's position). Pairs (x_2i, x_2i+1) when ``interleaved`` (MLA), else (x_i, x_i+n)
+    (the indexer): (a, b) -> (a cos - b sin, a sin + b cos) in float32, returned in x's dtype
+    as a new tensor."""
+    _check_rope(x, cos, sin)
+    return _impl(backend, "rope")(x, cos, sin, interleaved)
+
+
+@rope.register_fake
+def _(x, cos, sin, interleaved, backend):
+    _check_rope(x, cos, sin)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @custom_op("dsa::hadamard_rotate", mutates_args=())
 def hadamard_rotate(x: Tensor, backend: str) -> Tensor:
     """Walsh-Hadamard transform (Sylvester order) of the last dim, scaled by n^-0.5."""
@@ -338,6 +368,9 @@ class Ops:
         from .backends import indexer_dtype
 
         return indexer_dtype(self.backend, requested)
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+        return torch.ops.dsa.rope(x, cos, sin, interleaved, self.backend)
 
     def hadamard_rotate(self, x: Tensor) -> Tensor:
         return torch.ops.dsa.hadamard_rotate(x, self.backend)

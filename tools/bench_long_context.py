@@ -38,7 +38,7 @@ from dsa_ascend.cache import PagedCache  # noqa: E402
 from dsa_ascend.config import RunConfig, preset  # noqa: E402
 from dsa_ascend.model.layers import Context  # noqa: E402
 from dsa_ascend.model.mla import MLA  # noqa: E402
-from dsa_ascend.model.rope import apply_rope_interleaved, rope_tables  # noqa: E402
+from dsa_ascend.model.rope import rope_tables  # noqa: E402
 from dsa_ascend.ops import Ops  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -97,6 +97,7 @@ def dsa_prefill(layer, cache, cos, sin, ctx_len, chunk=4096):
 @torch.inference_mode()
 def dense_prefill(layer, cos, sin, ctx_len):
     """Same projections; dense causal attention in the MHA form through SDPA."""
+    K = kernels()
     c = layer.ctx.config
     x = torch.randn(ctx_len, c.dim, device=DEV, dtype=BF16)
     w = layer.kv_b_heads(BF16)  # [H, nope + v, latent]
@@ -106,10 +107,10 @@ def dense_prefill(layer, cos, sin, ctx_len):
     def run():
         q = layer.q_b_proj(layer.q_a_layernorm(layer.q_a_proj(x))).view(ctx_len, h, nope + rope)
         q_nope, q_pe = q.split([nope, rope], -1)
-        q_pe = apply_rope_interleaved(q_pe, cs[:, None], sn[:, None])
+        q_pe = K.rope.rope(q_pe, cs, sn, True)  # the DSA layer's RoPE kernel, both sides
         latent, k_pe = layer.kv_a_proj_with_mqa(x).split([layer.latent, rope], -1)
         latent = layer.kv_a_layernorm(latent)
-        k_pe = apply_rope_interleaved(k_pe, cs, sn)
+        k_pe = K.rope.rope(k_pe, cs, sn, True)
         kv = torch.einsum("sc,hdc->hsd", latent.to(BF16), w)  # [H, S, nope + v]
         k = torch.cat([kv[..., :nope], k_pe.to(BF16)[None].expand(h, -1, -1)], -1)
         qq = torch.cat([q_nope, q_pe.to(BF16)], -1).transpose(0, 1)
@@ -185,7 +186,7 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     def run():
         q = layer.q_b_proj(layer.q_a_layernorm(layer.q_a_proj(x))).view(batch, h, nope + rope)
         q_nope, q_pe = q.split([nope, rope], -1)
-        q_pe = apply_rope_interleaved(q_pe, cs[:, None], sn[:, None])
+        q_pe = K.rope.rope(q_pe, cs, sn, True)  # the DSA layer's RoPE kernel, both sides
         latent, k_pe = layer.kv_a_proj_with_mqa(x).split([layer.latent, rope], -1)
         layer.kv_a_layernorm(latent)  # the new entry (its write is not timed on either side)
         q_abs = torch.einsum("thd,hdc->thc", q_nope, w[:, :nope])  # as the layer does it

@@ -1,6 +1,6 @@
 """The ``cuda`` backend: Triton kernels from ``ops/triton`` (installed as
-``dsa_ascend.ops_triton``) for the indexer + top-k, sparse MLA prefill/decode, the Hadamard
-rotation and FP8 block quantization (bit-identical to the reference's); the remaining ops (FP8
+``dsa_ascend.ops_triton``) for the indexer + top-k, sparse MLA prefill/decode, RoPE, the Hadamard
+rotation and FP8 block quantization (the last three bit-identical to the reference's); the remaining ops (FP8
 and int8 linears, int8 quantization) run the reference backend's torch code on the GPU.
 """
 
@@ -60,6 +60,12 @@ def graph_replay(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None
     return graph.replay
 
 
+def rope(x, cos, sin, interleaved):
+    if x.is_cuda and kernels().rope.supports(x, cos, sin):
+        return kernels().rope.rope(x, cos, sin, interleaved)
+    return reference.rope(x, cos, sin, interleaved)
+
+
 def hadamard_rotate(x):
     if x.is_cuda and kernels().quant.supports(x.shape[-1]):
         return kernels().quant.hadamard_rotate(x)
@@ -93,6 +99,7 @@ def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
 
 IMPLS = {
     **reference.IMPLS,
+    "rope": rope,
     "hadamard_rotate": hadamard_rotate,
     "quantize_fp8": quantize_fp8,
     "indexer_topk": indexer_topk,

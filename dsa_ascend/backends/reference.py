@@ -27,6 +27,18 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     return None
 
 
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    from ..model.rope import apply_rope_half, apply_rope_interleaved
+
+    r = 2 * cos.shape[-1]
+    if x.dim() == 3:  # every head turns by its token's angles
+        cos, sin = cos[:, None], sin[:, None]
+    turn = apply_rope_interleaved if interleaved else apply_rope_half
+    if r == x.shape[-1]:
+        return turn(x, cos, sin)
+    return torch.cat([turn(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+
 def hadamard_rotate(x: Tensor) -> Tensor:
     n = x.shape[-1]
     y = x.float()
@@ -167,6 +179,7 @@ def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
 
 
 IMPLS = {
+    "rope": rope,
     "hadamard_rotate": hadamard_rotate,
     "quantize_fp8": quantize_fp8,
     "quantize_int8": quantize_int8_rows,

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from ..cache import PagedCache, Step
 from .layers import Context, LayerNorm, Linear
-from .rope import apply_rope_half, apply_rope_interleaved
 
 
 class Indexer(nn.Module):
@@ -29,17 +28,17 @@ class Indexer(nn.Module):
         self.k_norm = LayerNorm(self.head_dim)
         # Stored bf16 in the release; the official reference computes it in float32.
         self.weights_proj = Linear(ctx, c.dim, self.n_heads, quantizable=False, dtype=torch.float32)
-        self.rope = apply_rope_interleaved if c.indexer_rope_interleave else apply_rope_half
+        self.rope_interleave = c.indexer_rope_interleave
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        r = self.rope_dim
-        return torch.cat([self.rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+        """RoPE on the first rope_dim channels of x [T, d] or [T, H, d] (cos / sin [T, rope_dim / 2])."""
+        return self.ctx.ops.rope(x, cos, sin, interleaved=self.rope_interleave)
 
     def forward(self, x: Tensor, qr: Tensor, step: Step, cache: PagedCache, cos: Tensor,
                 sin: Tensor) -> Tensor:
         """x [T, dim], qr [T, q_lora_rank] -> top-k positions int32 [T, K] (-1 padded)."""
         ops, t, d = self.ctx.ops, x.shape[0], self.head_dim
-        q = self._rotate(self.wq_b(qr).view(t, self.n_heads, d), cos[:, None], sin[:, None])
+        q = self._rotate(self.wq_b(qr).view(t, self.n_heads, d), cos, sin)
         k = self._rotate(self.k_norm(self.wk(x)), cos, sin)
         weights = self.weights_proj(x.float()) * self.n_heads ** -0.5
         if self.ctx.run.indexer_dtype == "fp8":

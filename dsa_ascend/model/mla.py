@@ -18,7 +18,6 @@ from ..cache import PagedCache, Step
 from ..quant import dequantize_fp8_blocks
 from .indexer import Indexer
 from .layers import Context, Linear, RMSNorm
-from .rope import apply_rope_interleaved
 
 # Bound on one query chunk's float32 intermediate in the MHA form (64 MiB).
 _MHA_CHUNK_ELEMENTS = 1 << 24
@@ -58,10 +57,10 @@ class MLA(nn.Module):
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(t, self.n_heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = apply_rope_interleaved(q_pe, cos[:, None], sin[:, None])
+        q_pe = ops.rope(q_pe, cos, sin, interleaved=True)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rope_interleaved(k_pe, cos, sin)
+        k_pe = ops.rope(k_pe, cos, sin, interleaved=True)
         if self.ctx.run.simulate_fp8_latent and self.ctx.run.kv_cache_dtype != "fp8":
             # DeepSeek's reference rounds the latent through FP8 (128-blocks) to mimic the FP8
             # cache it deploys; the rope part stays unquantized.

@@ -59,6 +59,47 @@ def _cu(q_lens: list[int]) -> torch.Tensor:
     return torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
 
 
+# ------------------------------------------------------------------------------ rope
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_op_turns_each_pair_by_its_tokens_angle(backend, device, interleaved):
+    """x [T, H, d] with the first 2n channels turned, pair by pair as DSA_SPEC §3 pairs them,
+    the rest passed through; and the [T, d] form (the keys) the same as one head."""
+    ops = Ops(backend)
+    g = seeded(3 + interleaved)
+    t, h, d, n = 6, 4, 128, 32
+    x = torch.randn(t, h, d, generator=g) * torch.exp(torch.randn(t, h, 1, generator=g))
+    pos = torch.randint(0, 4096, (t, 1), generator=g).double()
+    ang = pos * torch.rand(1, n, generator=g).double()  # the angles' tables hold t * inv_freq
+    cos, sin = ang.cos().float(), ang.sin().float()
+    got = ops.rope(x.to(device), cos.to(device), sin.to(device), interleaved).cpu()
+    assert got.dtype == x.dtype and got.shape == x.shape
+    xd, c, s = x.double(), cos.double()[:, None], sin.double()[:, None]
+    want = xd.clone()
+    for i in range(n):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + n)
+        want[..., a] = xd[..., a] * c[..., i] - xd[..., b] * s[..., i]
+        want[..., b] = xd[..., a] * s[..., i] + xd[..., b] * c[..., i]
+    # Two float32 products and a sum, each rounded: 3 ulps of |a| + |b| (|cos|, |sin| <= 1).
+    bound = 3 * F32_EPS * 2 * xd.abs().amax(-1, keepdim=True)
+    assert ((got.double() - want).abs() <= bound).all()
+    assert torch.equal(got[..., 2 * n:], x[..., 2 * n:])
+    keys = ops.rope(x[:, 1].to(device), cos.to(device), sin.to(device), interleaved).cpu()
+    assert torch.equal(keys, got[:, 1])
+
+
+def test_rope_op_names_the_bad_argument(backend, device):
+    ops = Ops(backend)
+    x, cs = torch.randn(4, 2, 64, device=device), torch.randn(4, 32, device=device)
+    with pytest.raises(ValueError, match=r"rope: x must be a float \[T, d\] or \[T, H, d\]"):
+        ops.rope(x[None], cs, cs, True)
+    with pytest.raises(ValueError, match=r"rope: cos must be float32 \[4, n\]"):
+        ops.rope(x, cs[:3], cs, True)
+    with pytest.raises(ValueError, match=r"rope: sin must be float32"):
+        ops.rope(x, cs, cs.double(), True)
+    with pytest.raises(ValueError, match=r"0 < 2n <= d=64"):
+        ops.rope(x, torch.randn(4, 40, device=device), torch.randn(4, 40, device=device), True)
+
+
 # ------------------------------------------------------------------------------ hadamard
 @pytest.mark.parametrize("n", [2, 16, 64, 128])
 def test_hadamard_rotate_is_the_scaled_sylvester_matrix(backend, device, n):
@@ -501,6 +542,8 @@ def _opcheck_cases(device):
     idx = torch.tensor([[0, 5, 17, -1], [1, 2, -1, -1], [19, 0, 3, 4], [8, 0, -1, -1], [7, 6, 5, 4]],
                        dtype=torch.int32)
     cases = {
+        "rope": (torch.randn(3, 2, 128, generator=g), torch.randn(3, 32, generator=g),
+                 torch.randn(3, 32, generator=g), False),
         "hadamard_rotate": (torch.randn(3, 128, generator=g),),
         "quantize_fp8": (torch.randn(3, 256, generator=g), 128, True),
         "quantize_int8": (torch.randn(3, 2, 128, generator=g),),
@@ -528,7 +571,7 @@ FP8_INPUT_CASES = {"fp8_linear", "indexer_topk"}
 OTHER_UTILS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("case", ["hadamard_rotate", "quantize_fp8", "quantize_int8", "fp8_linear",
+@pytest.mark.parametrize("case", ["rope", "hadamard_rotate", "quantize_fp8", "quantize_int8", "fp8_linear",
                                   "indexer_topk",
                                   "indexer_topk_float", "indexer_topk_int8", "sparse_mla_prefill",
                                   "sparse_mla_decode"])

@@ -186,14 +186,14 @@ def _indexer(interleave: bool) -> Indexer:
 @pytest.mark.parametrize("interleave", [False, True])
 def test_indexer_pairing_follows_indexer_rope_interleave(interleave):
     ix = _indexer(interleave)
-    assert ix.rope is (apply_rope_interleaved if interleave else apply_rope_half)
+    assert ix.rope_interleave is interleave
     # Behaviour, not just the attribute: the first 64 of 128 channels turn with that pairing,
     # the other 64 pass through untouched.
     g = seeded(1)
     cos, sin = rope_tables(ix.ctx.config, 32)
     x = torch.randn(5, 8, 128, generator=g)
     pos = torch.tensor([1, 2, 9, 20, 31])
-    got = ix._rotate(x, cos[pos][:, None], sin[pos][:, None])
+    got = ix._rotate(x, cos[pos], sin[pos])
     want = _rope64(x[..., :64], cos[pos][:, None], sin[pos][:, None], interleave)
     assert (got[..., :64].double() - want).abs().max().item() <= 4 * F32_EPS * x.abs().max().item()
     assert torch.equal(got[..., 64:], x[..., 64:])

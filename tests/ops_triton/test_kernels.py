@@ -466,6 +466,43 @@ def test_hadamard_kernel_is_bit_identical_to_reference(n):
         assert torch.equal(got, ref.hadamard_rotate(x)), dtype
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("heads,d,n", [(None, 64, 32), (5, 64, 32), (128, 64, 32), (6, 128, 32),
+                                        (64, 128, 32), (3, 200, 16), (40, 200, 16)])
+def test_rope_kernel_is_bit_identical_to_reference(interleaved, heads, d, n):
+    """MLA's q_pe (a strided view of q, [T, H, 64]), k_pe ([T, 64]) and the indexer's partial
+    rotation ([T, H, 128], 64 channels turned): the same float32 products and sums as the
+    reference with FMA contraction off, so identical bits; the reference itself within 4 ulps
+    of a float64 RoPE written from the spec."""
+    g = _gen(d + n + (heads or 0) + interleaved)
+    t = 7
+    cos_t, sin_t = torch.randn(t, n, generator=g), torch.randn(t, n, generator=g)
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if ON_GPU else ())
+    for dtype in dtypes:  # the interpreter rounds float32 -> bf16 differently from a GPU
+        shape = (t, d) if heads is None else (t, heads, d)
+        wide = torch.randn(*shape[:-1], d + 24, generator=g).to(dtype)
+        x = wide[..., 8:8 + d]  # strided rows, as q_pe is a view of q
+        got = K.rope.rope(x.to(DEV), cos_t.to(DEV), sin_t.to(DEV), interleaved)
+        got = got.cpu()
+        want = ref.rope(x, cos_t, sin_t, interleaved)
+        assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+        assert torch.equal(got, want), dtype
+        # the reference against float64, channel by channel from the spec's pairing
+        xd, c, s = x.double(), cos_t.double(), sin_t.double()
+        if heads is not None:
+            c, s = c[:, None], s[:, None]
+        exact = xd.clone()
+        for i in range(n):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + n)
+            exact[..., a] = xd[..., a] * c[..., i] - xd[..., b] * s[..., i]
+            exact[..., b] = xd[..., a] * s[..., i] + xd[..., b] * c[..., i]
+        ulp = torch.finfo(dtype).eps
+        bound = (xd.abs().amax(-1, keepdim=True) * (c.abs() + s.abs()).amax(-1, keepdim=True)
+                 * (ulp + 4 * torch.finfo(torch.float32).eps))
+        assert ((want.double() - exact).abs() <= bound).all(), dtype
+        assert torch.equal(got[..., 2 * n:], x[..., 2 * n:])  # passed through untouched
+
+
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_quantize_fp8_kernel_is_bit_identical_to_reference(block, ue8m0):
