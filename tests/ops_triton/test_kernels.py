@@ -191,14 +191,16 @@ def test_topk_rows_exact_sets_and_ties():
     # the multi-program radix select: same deterministic output (ascending positions, padding)
     # small write blocks: a chunk's listed keys take several steps of pass 3; small finish
     # blocks: the candidates overflow the block and every pass loops over them
-    for chunk, hi, wb, fb, digit in (
-            ((1024, 11, 128, 4096, 4), (4096, 9, 16, 64, 8), (2048, 15, 512, 128, 4)) if ON_GPU
-            else ((128, 11, 128, 4096, 4), (512, 9, 16, 64, 8), (128, 15, 8, 32, 4))):
+    for chunk, hi, wb, fb, digit, win in (
+            ((1024, 11, 128, 4096, 4, 64), (4096, 9, 16, 64, 8, 0), (2048, 15, 512, 128, 4, 8))
+            if ON_GPU else
+            ((128, 11, 128, 4096, 4, 64), (512, 9, 16, 64, 8, 0), (128, 15, 8, 32, 4, 8))):
         for split in (1, 3):
             assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, chunk=chunk,
                                                  hi_bits=hi, write_block=wb, finish_block=fb,
-                                                 finish_digit=digit, hist_split=split).cpu(),
-                               got), (chunk, hi, wb, fb, split)
+                                                 finish_digit=digit, hist_split=split,
+                                                 hist_window=win).cpu(),
+                               got), (chunk, hi, wb, fb, split, win)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -211,6 +213,29 @@ def test_topk_rows_exact_sets_and_ties():
         assert (got[r][n_valid:] == -1).all(), r
 
 
+@pytest.mark.parametrize("window", [0, 8, 64])
+def test_topk_first_pass_histogram_is_a_bincount(window):
+    """Pass 1 alone against a torch bincount of the keys' top digits, on bunched scores (most of
+    a chunk within a few bins of its lowest digit: the in-program window's case) and on spread
+    ones (many keys outside it: the atomic-a-key fallback), with ragged row lengths."""
+    g = _gen(31 + window)
+    n, length, hi, chunk = (6, 70000, 12, 1024) if ON_GPU else (5, 900, 12, 128)
+    s = torch.randn(n, length, generator=g)
+    s[:3] = 1.0 + 0.05 * s[:3]  # bunched: one or two exponents
+    s[4, 17] = float("-inf")
+    lens = torch.randint(1, length + 1, (n,), generator=g).int()
+    lens[0] = length
+    for split in (1, 2):
+        hist = torch.zeros(n * split << hi, dtype=torch.int32, device=DEV)
+        K.topk._hi_hist_kernel[(n, triton.cdiv(length, chunk))](
+            s.to(DEV), lens.to(DEV), hist, length, HI=hi, CHUNK=chunk, WARP_AGG=ON_GPU,
+            SPLIT=split, WINDOW=window, num_warps=4)
+        got = hist.cpu().view(n, split, 1 << hi).sum(1)
+        for r in range(n):
+            want = torch.bincount(_sortable_keys(s[r, :lens[r]]) >> (32 - hi), minlength=1 << hi)
+            assert torch.equal(got[r], want.int()), (window, split, r)
+
+
 def test_topk_multi_names_a_bad_digit_width_or_chunk():
     s = torch.randn(2, 64).to(DEV)
     lens = torch.full((2,), 64, dtype=torch.int32, device=DEV)
@@ -221,6 +246,9 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
             K.topk.topk_multi(s, lens, 8, chunk=chunk)
     with pytest.raises(ValueError, match="hist_split must be >= 1"):
         K.topk.topk_multi(s, lens, 8, hist_split=0)
+    for win in (48, 1 << 13):
+        with pytest.raises(ValueError, match="hist_window must be 0 or a power of two"):
+            K.topk.topk_multi(s, lens, 8, hi_bits=12, hist_window=win)
     with pytest.raises(ValueError, match="hist must be int32"):
         K.topk.topk_multi(s, lens, 8, hist=torch.zeros(7, dtype=torch.int32, device=DEV))
 
