@@ -212,6 +212,30 @@ def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
         del kq, ks, scores
 
 
+def rope(rows, bw, t=4096):
+    """The layer's RoPE calls at a 4096-token prefill chunk: MLA's q_pe (a [T, 128, 64] view of
+    q's 192 channels, interleaved pairs) and the indexer's q ([T, 64, 128], 64 channels turned,
+    half-split): both load schedules of the kernel and the torch form, after an equality check;
+    GB/s = bytes read + written."""
+    from dsa_ascend.backends import reference as ref_backend
+    ang = torch.rand(t, 32, device=DEV) * 100
+    cos, sin = ang.cos(), ang.sin()
+    q = torch.randn(t, 128, 192, device=DEV, dtype=torch.bfloat16)
+    cases = [("MLA q_pe [4096, 128, 64] of 192, interleaved", q[..., 128:], True),
+             ("indexer q [4096, 64, 128], half-split", torch.randn(t, 64, 128, device=DEV,
+                                                                  dtype=torch.bfloat16), False)]
+    for label, x, inter in cases:
+        want = ref_backend.rope(x, cos, sin, inter)
+        nbytes = 2 * x.numel() * x.element_size()
+        for name, fn in (("torch (reference)", lambda: ref_backend.rope(x, cos, sin, inter)),
+                         ("kernel, strided pairs", lambda: K.rope.rope(x, cos, sin, inter, False)),
+                         ("kernel, pairs in registers", lambda: K.rope.rope(x, cos, sin, inter, True))):
+            assert torch.equal(fn(), want), (label, name)
+            ms = bench(fn)
+            rows.append(dict(name=f"rope {label}: {name}", ms=ms, gbps=nbytes / ms / 1e6,
+                             pct_copy=100 * nbytes / ms / 1e6 / bw))
+
+
 def sparse_decode(rows, peak, bw, ctx=32768, h=128, topk=2048):
     for b in (64, 128):
         cache, table = paged_cache(b, ctx, 576, torch.bfloat16)
@@ -322,7 +346,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k,idxsel")
+                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k,idxsel,rope")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -334,7 +358,8 @@ def main():
              ("decode", lambda: sparse_decode(rows, peak, bw)),
              ("decode_sweep", lambda: decode_sweep(rows, peak, bw)),
              ("idx128k", lambda: decode_indexer_128k(rows, bw)),
-             ("idxsel", lambda: indexer_select(rows, bw))]
+             ("idxsel", lambda: indexer_select(rows, bw)),
+             ("rope", lambda: rope(rows, bw))]
     run_steps(rows, steps, only)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d"))

@@ -513,6 +513,10 @@ def test_rope_kernel_is_bit_identical_to_reference(interleaved, heads, d, n):
         got = K.rope.rope(x.to(DEV), cos_t.to(DEV), sin_t.to(DEV), interleaved)
         got = got.cpu()
         want = ref.rope(x, cos_t, sin_t, interleaved)
+        # the other load schedule (pairs split in registers): the same bits
+        other = K.rope.rope(x.to(DEV), cos_t.to(DEV), sin_t.to(DEV), interleaved,
+                            in_registers=not K.rope.IN_REGISTERS).cpu()
+        assert torch.equal(other, want), dtype
         assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
         assert torch.equal(got, want), dtype
         # the reference against float64, channel by channel from the spec's pairing
