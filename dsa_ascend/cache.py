@@ -146,9 +146,8 @@ class PagedCache:
         small = torch.tensor(cu + seqlens_k + rows, dtype=torch.int64)
         meta = self._staged(torch.cat(positions + slots + [small]))
         meta = meta.to(self.device, non_blocking=self._pinned)
-        t, nr = len(meta) - len(small), len(rows)
-        positions_d, slots_d = meta[: t // 2], meta[t // 2: t]
-        small_d = meta[t:]
+        t, nr = sum(q_lens), len(rows)  # meta = [positions (t) | slots (t) | cu, seqlens, rows]
+        positions_d, slots_d, small_d = meta[:t], meta[t: 2 * t], meta[2 * t:]
         return Step(
             rows=rows, start_pos=start_pos, q_lens=q_lens,
             cu_seqlens_q=small_d[: nr + 1].to(torch.int32),

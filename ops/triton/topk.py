@@ -126,14 +126,12 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 # their buffer).
 CHUNK = 1024  # scores a program (1K and 2K measured on the H100: 1K as fast or faster)
 HI_BITS = 12
-# Pass 1's in-program bins from 133 rows up (the prefill chunks; H200, 512 x 128K indexer scores:
-# 32 bins 0.354 ms, 64: 0.298, 128: 0.314, none: 0.458; a 128K prefill 602 -> 585 ms). Decode at
-# 128 rows ran 1.5% slower with it (0.831 -> 0.843 ms), so fewer rows take none.
+# Pass 1's in-program bins (``default_hist_window``; H200, 512 x 128K indexer scores: 32 bins
+# 0.354 ms, 64: 0.298, 128: 0.314, none: 0.458; a 128K prefill 602 -> 585 ms).
 HIST_WINDOW = 64
-
-
-def default_hist_window(n_rows: int) -> int:
-    return HIST_WINDOW if n_rows > 132 else 0
+# Up to this many rows pass 1 splits its histograms and takes no window; beyond it, one
+# histogram a row and the window (both measured on the H200, BENCHMARKS.md sessions 8-9).
+FEW_ROWS = 132
 
 
 @triton.jit
@@ -361,7 +359,13 @@ def _write_kernel(S, LEN, THRESH, COUNTS, NSEL, SEL_P, OUT, VALS, stride_s, stri
 def default_hist_split(n_rows: int) -> int:
     """Partial pass-1 histograms a row: 4 where few rows share the atomics (1.1-1.4x at 1-132
     rows), 1 from 133 rows up (1-4% faster at 512; H200, BENCHMARKS.md session 8)."""
-    return 4 if n_rows <= 132 else 1
+    return 4 if n_rows <= FEW_ROWS else 1
+
+
+def default_hist_window(n_rows: int) -> int:
+    """Pass 1's in-program window: HIST_WINDOW bins from 133 rows up (the prefill chunks); none
+    for fewer (decode at 128 rows ran 1.5% slower with it, 0.831 -> 0.843 ms)."""
+    return HIST_WINDOW if n_rows > FEW_ROWS else 0
 
 
 def hist_workspace(n_rows: int, hi_bits: int = HI_BITS, hist_split: int | None = None,
