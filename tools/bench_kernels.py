@@ -121,9 +121,11 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
     cu = torch.tensor([0, t], dtype=torch.int32, device=DEV)
     sk = torch.tensor([kv], dtype=torch.int32, device=DEV)
     tok_rows, pos = paging.token_rows(cu, t), paging.query_positions(cu, sk, t)
-    for block_m, block_n, warps, stages, tiles in [(2, 128, 8, 3, 16), (2, 128, 8, 3, 32), (2, 128, 8, 3, 64),
-                                                   (2, 128, 8, 3, 8), (1, 128, 4, 3, 16), (4, 128, 8, 3, 16),
-                                                   (2, 64, 4, 4, 32), (2, 256, 8, 3, 16)]:
+    # the op's default first (4 tokens x 64 keys, 8 warps, 3 stages), then the neighbours and
+    # session 3's 2 x 128 default
+    for block_m, block_n, warps, stages, tiles in [(4, 64, 8, 3, 32), (4, 64, 8, 2, 32), (2, 64, 4, 2, 32),
+                                                   (2, 64, 4, 2, 64), (2, 128, 8, 2, 32), (2, 128, 8, 3, 32),
+                                                   (1, 128, 4, 2, 32)]:
         progs = K.indexer.programs(cu, tok_rows, pos, 0, t, block_m)
         width = triton.cdiv(kv, block_n) * block_n
         fn = lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0, t,  # noqa: E731
@@ -215,8 +217,8 @@ def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
 def rope(rows, bw, t=4096):
     """The layer's RoPE calls at a 4096-token prefill chunk: MLA's q_pe (a [T, 128, 64] view of
     q's 192 channels, interleaved pairs) and the indexer's q ([T, 64, 128], 64 channels turned,
-    half-split): both load schedules of the kernel and the torch form, after an equality check;
-    GB/s = bytes read + written."""
+    half-split): the kernel and the torch form, after an equality check; GB/s = bytes read +
+    written."""
     from dsa_ascend.backends import reference as ref_backend
     ang = torch.rand(t, 32, device=DEV) * 100
     cos, sin = ang.cos(), ang.sin()
@@ -228,8 +230,7 @@ def rope(rows, bw, t=4096):
         want = ref_backend.rope(x, cos, sin, inter)
         nbytes = 2 * x.numel() * x.element_size()
         for name, fn in (("torch (reference)", lambda: ref_backend.rope(x, cos, sin, inter)),
-                         ("kernel, strided pairs", lambda: K.rope.rope(x, cos, sin, inter, False)),
-                         ("kernel, pairs in registers", lambda: K.rope.rope(x, cos, sin, inter, True))):
+                         ("kernel", lambda: K.rope.rope(x, cos, sin, inter))):
             assert torch.equal(fn(), want), (label, name)
             ms = bench(fn)
             rows.append(dict(name=f"rope {label}: {name}", ms=ms, gbps=nbytes / ms / 1e6,

@@ -32,24 +32,94 @@ from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, select
 # this many rows. H200, 128K keys, indexer + top-k: B=1 0.0433 -> 0.0392 ms, B=8 0.103 -> 0.094,
 # B=32 0.256 -> 0.249, B=64 0.454 -> 0.441; a 4096-token prefill chunk 19.1 -> 23.7 ms (slower).
 FUSED_MAX_ROWS = 64
+# Query tokens a program takes in prefill (runs of one sequence), with 64-key FP8 tiles. H200,
+# 512 queries x 128K keys: 4 x 64 (8 warps, 3 stages) 1.159 ms = 947 TFLOPS, 2 x 64 (4 warps, 2
+# stages) 1.209, the earlier 2 x 128 (8 warps, 3 stages) 1.657 (BENCHMARKS.md session 10).
+PREFILL_BLOCK_M = 4
 
 
 @triton.jit
-def _key_slots(bt_row, offs_n, last_pos, block_size):
-    """Flat cache rows of key positions ``offs_n`` (0 past ``last_pos``: masked by the caller)."""
-    valid = offs_n <= last_pos
-    blk = tl.load(bt_row + offs_n // block_size, mask=valid, other=0)
-    return tl.where(valid, blk.to(tl.int64) * block_size + offs_n % block_size, 0)
+def _key_slots(bt_row, offs_n, last_pos, BLOCK_SIZE: tl.constexpr):
+    """Flat cache rows of key positions ``offs_n`` (past ``last_pos``: a row of the table's
+    first page, never read: the caller masks those keys). The page size is a constant, so the
+    page and offset are a shift and a mask (a runtime one cost an integer division a row, ~15
+    instructions each, several a tile: a third of the loop's instructions; sm90 SASS)."""
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n <= last_pos, other=0)
+    return blk.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+
+
+@triton.jit
+def _tile_pages(bt_row, n0, last_pos, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Block-table entries of the one or two pages that hold keys n0 .. n0 + BLOCK_N - 1 (a
+    page past ``last_pos``: 0, never read). Scalars: one load each, on the uniform datapath."""
+    b0 = tl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 <= last_pos, other=0)
+    if BLOCK_SIZE < BLOCK_N:
+        b1 = tl.load(bt_row + n0 // BLOCK_SIZE + 1, mask=n0 + BLOCK_SIZE <= last_pos, other=0)
+    else:
+        b1 = b0
+    return b0, b1
+
+
+@triton.jit
+def _tile_slots(b0, b1, n0, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Flat cache rows of keys n0 .. n0 + BLOCK_N - 1 from their pages (``_tile_pages``): an
+    add and a select a key, the in-page offsets being loop-invariant."""
+    r = tl.arange(0, BLOCK_N)
+    if BLOCK_SIZE < BLOCK_N:  # two pages (n0 is page-aligned)
+        return tl.where(r < BLOCK_SIZE, b0, b1).to(tl.int64) * BLOCK_SIZE + r % BLOCK_SIZE
+    else:  # one page holds the whole tile
+        return b0.to(tl.int64) * BLOCK_SIZE + (n0 % BLOCK_SIZE + r)
+
+
+@triton.jit
+def _score_tile(KC, KS, slot, n0, qt, w, pos, last_pos, out_rows, mmask, hist_rows,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                H_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+                DO_HIST: tl.constexpr, HI: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile's scores of the program's BLOCK_M tokens, stored (and counted into the
+    pass-1 histograms with DO_HIST). MASKED: the tile may hold keys past ``last_pos`` or past a
+    token's own position; else every key is before every token (no masks at all)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    nmask = offs_n <= last_pos
+    if MASKED:
+        k = tl.load(KC + slot[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(KC + slot[:, None] * D + offs_d[None, :])
+    if IEEE:
+        s = tl.dot(k, qt, input_precision="ieee")
+    else:
+        s = tl.dot(k, qt)  # [BLOCK_N, BLOCK_M * H_PAD]
+    s = tl.maximum(s, 0.0) * w[None, :]
+    score = tl.sum(tl.reshape(s, (BLOCK_N, BLOCK_M, H_PAD)), 2)  # [BLOCK_N, BLOCK_M]
+    if HAS_SCALE:
+        if MASKED:
+            score = score * tl.load(KS + slot, mask=nmask, other=0.0)[:, None]
+        else:
+            score = score * tl.load(KS + slot)[:, None]
+    live = mmask[None, :]
+    if MASKED:
+        seen = offs_n[:, None] <= pos[None, :]
+        score = tl.where(seen, score, float("-inf"))
+        live = live & seen
+    tl.store(out_rows[None, :] + offs_n[:, None], score, mask=mmask[None, :])
+    if DO_HIST:  # the top-k's pass 1 on the scores in registers: each row's keys 0..pos
+        # One plain atomic a key: the head reduction leaves each score replicated over the
+        # lanes that held its heads, and Triton issues an atomic from one replica only; a
+        # warp-aggregated count (topk._warp_group_count) would count every replica.
+        digit = (_sortable(score) >> (32 - HI)).to(tl.int32)
+        tl.atomic_add(hist_rows[None, :] + digit, tl.full([BLOCK_N, BLOCK_M], 1, tl.int32),
+                      mask=live, sem="relaxed")
 
 
 @triton.jit
 def _indexer_logits_kernel(
     Q, W, KC, KS, BT, PROG, OUT, HIST,
     stride_qt, stride_wt, stride_bt, width,
-    t0, block_size, tiles_per_prog,
+    t0, tiles_per_prog,
     H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
-    DO_HIST: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr,
+    DO_HIST: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     p = tl.program_id(0)
     row = tl.load(PROG + p * 4 + 0)
@@ -80,38 +150,37 @@ def _indexer_logits_kernel(
     out_rows = OUT + (tok - t0).to(tl.int64) * width
     # this program's partial histogram of each of its rows (HIST: topk.hist_workspace's layout)
     hist_rows = HIST + ((tok - t0).to(tl.int64) * SPLIT + tl.program_id(1) % SPLIT) * (1 << HI)
-    offs_n = n_lo + tl.arange(0, BLOCK_N)
-    slot_next = _key_slots(BT + row * stride_bt, offs_n, last_pos, block_size)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        # the block-table hop for the next tile is done one iteration ahead, so the key loads
-        # depend only on loop-carried values and the pipeliner can issue them stages early
-        slot = slot_next
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        slot_next = _key_slots(BT + row * stride_bt, offs_n + BLOCK_N, last_pos, block_size)
-        nmask = offs_n <= last_pos
-        k = tl.load(KC + slot[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(k, tl.trans(q), input_precision="ieee")
-        else:
-            s = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M * H_PAD]
-        s = tl.maximum(s, 0.0) * w[None, :]
-        score = tl.sum(tl.reshape(s, (BLOCK_N, BLOCK_M, H_PAD)), 2)  # [BLOCK_N, BLOCK_M]
-        if HAS_SCALE:
-            score = score * tl.load(KS + slot, mask=nmask, other=0.0)[:, None]
-        seen = offs_n[:, None] <= pos[None, :]
-        score = tl.where(seen, score, float("-inf"))
-        tl.store(out_rows[None, :] + offs_n[:, None], score, mask=mmask[None, :])
-        if DO_HIST:  # the top-k's pass 1 on the scores in registers: each row's keys 0..pos
-            # One plain atomic a key: the head reduction leaves each score replicated over the
-            # lanes that held its heads, and Triton issues an atomic from one replica only; a
-            # warp-aggregated count (topk._warp_group_count) would count every replica.
-            digit = (_sortable(score) >> (32 - HI)).to(tl.int32)
-            tl.atomic_add(hist_rows[None, :] + digit, tl.full([BLOCK_N, BLOCK_M], 1, tl.int32),
-                          mask=seen & mmask[None, :], sem="relaxed")
+    bt_row = BT + row * stride_bt
+    qt = tl.trans(q)
+    if BLOCK_SIZE * 2 >= BLOCK_N:
+        # Tiles wholly before the run's first token need no masks: their keys' pages come from
+        # one or two scalar block-table loads, one tile ahead (so the key loads depend only on
+        # loop-carried values and the pipeliner issues them stages early). The tile(s) at the
+        # causal frontier then take the masked form.
+        n_full = tl.maximum(tl.minimum((pos_start + 1) // BLOCK_N * BLOCK_N, n_hi), n_lo)
+        b0_next, b1_next = _tile_pages(bt_row, n_lo, last_pos, BLOCK_N, BLOCK_SIZE)
+        for n0 in range(n_lo, n_full, BLOCK_N):
+            b0, b1 = b0_next, b1_next
+            b0_next, b1_next = _tile_pages(bt_row, n0 + BLOCK_N, last_pos, BLOCK_N, BLOCK_SIZE)
+            _score_tile(KC, KS, _tile_slots(b0, b1, n0, BLOCK_N, BLOCK_SIZE), n0, qt, w, pos,
+                        last_pos, out_rows, mmask, hist_rows, D, BLOCK_M, BLOCK_N, H_PAD,
+                        HAS_SCALE, IEEE, DO_HIST, HI, MASKED=False)
+        for n0 in range(n_full, n_hi, BLOCK_N):
+            slot = _key_slots(bt_row, n0 + tl.arange(0, BLOCK_N), last_pos, BLOCK_SIZE)
+            _score_tile(KC, KS, slot, n0, qt, w, pos, last_pos, out_rows, mmask, hist_rows, D,
+                        BLOCK_M, BLOCK_N, H_PAD, HAS_SCALE, IEEE, DO_HIST, HI, MASKED=True)
+    else:  # small pages: a block-table hop a key, every tile masked
+        slot_next = _key_slots(bt_row, n_lo + tl.arange(0, BLOCK_N), last_pos, BLOCK_SIZE)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            slot = slot_next  # one tile ahead, as above
+            slot_next = _key_slots(bt_row, n0 + BLOCK_N + tl.arange(0, BLOCK_N), last_pos,
+                                   BLOCK_SIZE)
+            _score_tile(KC, KS, slot, n0, qt, w, pos, last_pos, out_rows, mmask, hist_rows, D,
+                        BLOCK_M, BLOCK_N, H_PAD, HAS_SCALE, IEEE, DO_HIST, HI, MASKED=True)
 
 
 def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_size, block_m,
-                   block_n, num_warps=None, num_stages=3, tiles_per_prog=None, hist=None,
+                   block_n, num_warps=None, num_stages=None, tiles_per_prog=None, hist=None,
                    hi_bits=HI_BITS, hist_split=1):
     """Scores [t1 - t0, width] float32 of queries t0..t1 (programs ``progs``, from ``programs``).
     ``width`` is a multiple of ``block_n``. A row is written over every key tile up to its
@@ -137,12 +206,14 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
         q, weights, kc, ks if ks is not None else weights, block_table, progs, scores,
         hist if hist is not None else progs,
         q.stride(0), weights.stride(0), block_table.stride(0), width,
-        t0, block_size, tiles_per_prog,
+        t0, tiles_per_prog,
         H=h, H_PAD=h_pad, D=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_SCALE=ks is not None,
         IEEE=q.dtype == torch.float32, DO_HIST=hist is not None,
         # constexprs of the histogram: fixed without one, so they add no compiled variants
         HI=hi_bits if hist is not None else HI_BITS, SPLIT=hist_split if hist is not None else 1,
-        num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8), num_stages=num_stages,
+        BLOCK_SIZE=block_size,
+        num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8),
+        num_stages=num_stages or (2 if block_m == 1 else 3),
     )
     return scores
 
@@ -232,9 +303,9 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
                 torch.empty((0, topk), dtype=torch.float32, device=device))
     ieee = q.dtype == torch.float32
     if block_m is None:  # decode: one token a sequence; prefill: runs of tokens share key tiles
-        block_m = 1 if t <= cu_seqlens_q.shape[0] - 1 else 2
+        block_m = 1 if t <= cu_seqlens_q.shape[0] - 1 else PREFILL_BLOCK_M
     if block_n is None:
-        block_n = 32 if ieee else 128
+        block_n = 32 if ieee else (128 if block_m == 1 else 64)
     max_len = max_seqlen_k if max_seqlen_k is not None else int(seqlens_k.max())
     if block_m > 1:
         rows = paging.token_rows(cu_seqlens_q, t)

@@ -14,18 +14,16 @@ import triton
 import triton.language as tl
 
 _TILE = 4096  # elements a program holds (heads x row width)
-# The 128K-prefill profile (H200, session 9) showed the interleaved form on MLA's q_pe view
-# ([4096, 128, 64] of q's 192 channels) at 567 us a call, ~225 GB/s, against a few us for the
-# half-split indexer calls: every-other-channel loads and stores. IN_REGISTERS loads the channels
-# contiguously and splits the pairs in registers instead; same bits (interpreter-tested), not yet
-# timed on a GPU, so off by default until it is.
-IN_REGISTERS = False
 
 
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, n_heads, sx_t, sx_h, sc_t, ss_t, sy_t, sy_h,
                  HALF: tl.constexpr, REST: tl.constexpr, REST_P2: tl.constexpr,
-                 INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, IN_REGISTERS: tl.constexpr):
+                 INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One contiguous load and store of each row's 2n rotated channels, the pairs split in
+    registers. (Two strided loads of every other channel, the first form, ran the interleaved
+    pairing of MLA's q_pe [4096, 128, 64] at 0.568 ms = 236 GB/s; this one takes 0.041 ms,
+    3.3 TB/s, and the half-split form is as fast either way: H200, BENCHMARKS.md session 10.)"""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = (h < n_heads)[:, None]
@@ -34,29 +32,17 @@ def _rope_kernel(X, COS, SIN, Y, n_heads, sx_t, sx_h, sc_t, ss_t, sy_t, sy_h,
     yr = Y + t * sy_t + h.to(tl.int64)[:, None] * sy_h
     c = tl.load(COS + t * sc_t + i)[None, :]
     s = tl.load(SIN + t * ss_t + i)[None, :]
-    if IN_REGISTERS:  # one contiguous load and store of the 2n channels; pairs split in registers
-        cols = tl.arange(0, 2 * HALF)
-        x = tl.load(xr + cols[None, :], mask=hm, other=0.0).to(tl.float32)
-        if INTERLEAVED:
-            a, b = tl.split(tl.reshape(x, (BLOCK_H, HALF, 2)))
-        else:
-            a, b = tl.split(tl.permute(tl.reshape(x, (BLOCK_H, 2, HALF)), (0, 2, 1)))
-        turned = tl.join(a * c - b * s, a * s + b * c)  # [BLOCK_H, HALF, 2]
-        if not INTERLEAVED:
-            turned = tl.permute(turned, (0, 2, 1))
-        tl.store(yr + cols[None, :],
-                 tl.reshape(turned, (BLOCK_H, 2 * HALF)).to(Y.dtype.element_ty), mask=hm)
-    else:  # a and b by two strided loads each (interleaved: every other channel)
-        if INTERLEAVED:
-            ia = 2 * i
-            ib = ia + 1
-        else:
-            ia = i
-            ib = i + HALF
-        a = tl.load(xr + ia[None, :], mask=hm, other=0.0).to(tl.float32)
-        b = tl.load(xr + ib[None, :], mask=hm, other=0.0).to(tl.float32)
-        tl.store(yr + ia[None, :], (a * c - b * s).to(Y.dtype.element_ty), mask=hm)
-        tl.store(yr + ib[None, :], (a * s + b * c).to(Y.dtype.element_ty), mask=hm)
+    cols = tl.arange(0, 2 * HALF)
+    x = tl.load(xr + cols[None, :], mask=hm, other=0.0).to(tl.float32)
+    if INTERLEAVED:  # (x_2i, x_2i+1)
+        a, b = tl.split(tl.reshape(x, (BLOCK_H, HALF, 2)))
+    else:  # (x_i, x_i+n)
+        a, b = tl.split(tl.permute(tl.reshape(x, (BLOCK_H, 2, HALF)), (0, 2, 1)))
+    turned = tl.join(a * c - b * s, a * s + b * c)  # [BLOCK_H, HALF, 2]
+    if not INTERLEAVED:
+        turned = tl.permute(turned, (0, 2, 1))
+    tl.store(yr + cols[None, :],
+             tl.reshape(turned, (BLOCK_H, 2 * HALF)).to(Y.dtype.element_ty), mask=hm)
     if REST > 0:  # channels past the rotated ones: copied
         j = 2 * HALF + tl.arange(0, REST_P2)
         m = hm & (j < 2 * HALF + REST)[None, :]
@@ -70,11 +56,9 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and sin.stride(-1) == 1 and x.shape[-1] <= _TILE)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-         in_registers: bool = IN_REGISTERS) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """x [T, d] or [T, H, d] (any strides but the last), cos / sin float32 [T, n], 2n <= d ->
-    a new contiguous tensor of x's shape and dtype (see the module docstring). ``in_registers``:
-    load the 2n channels contiguously and split the pairs in registers (see IN_REGISTERS)."""
+    a new contiguous tensor of x's shape and dtype (see the module docstring)."""
     t, d, n = x.shape[0], x.shape[-1], cos.shape[-1]
     heads = x.shape[1] if x.dim() == 3 else 1
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -88,5 +72,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     _rope_kernel[(t, triton.cdiv(heads, block_h))](
         x, cos, sin, y, heads, x.stride(0), sx_h, cos.stride(0), sin.stride(0), y.stride(0), sy_h,
         HALF=n, REST=rest, REST_P2=rest_p2, INTERLEAVED=interleaved, BLOCK_H=block_h,
-        IN_REGISTERS=in_registers, num_warps=4, enable_fp_fusion=False)
+        num_warps=4, enable_fp_fusion=False)
     return y

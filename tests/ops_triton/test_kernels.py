@@ -452,6 +452,49 @@ def test_indexer_logits_counts_the_topk_first_pass(block_m):
                 assert torch.equal(got[r], want.int()), (hi, split, t0, r)
 
 
+@pytest.mark.parametrize("block_size", [4, 16, 64, 256])
+def test_indexer_logits_page_sizes(block_size):
+    """The logits kernel's three ways to find a key tile's cache rows (pages of at least a
+    tile, two pages a tile, a block-table hop a key) against float64 scores, over ragged rows
+    whose tiles are wholly before a run's tokens (the unmasked loop), at its causal frontier
+    and past a row's length, with the k-scales, in decode (one token a run) and prefill runs."""
+    g = _gen(41 + block_size)
+    h, d = 16, 128
+    block_n = 32 if not ON_GPU else 128
+    q_lens, kv_lens = ([1, 3, 2], [5 * block_n + 3, 2 * block_n + 1, 3])
+    cache, table = _paged(kv_lens, d, block_size, g)
+    ks = torch.rand(cache.shape[:2], generator=g) + 0.5
+    t = sum(q_lens)
+    q = torch.randn(t, h, d, generator=g).to(LOWP)
+    w = torch.randn(t, h, generator=g)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
+    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
+    rows = paging.token_rows(cu, t)
+    pos = paging.query_positions(cu, sk, t, rows=rows)
+    kc = cache.to(LOWP)
+    width = triton.cdiv(max(kv_lens), block_n) * block_n
+    # float64 scores from the spec: I(t, s) = k_scale(s) * sum_h w(t, h) * ReLU(q(t, h) . k(s))
+    flat_k = kc.double().view(-1, d)
+    flat_s = ks.double().view(-1)
+    for block_m in (1, 2):
+        progs = (K.indexer.decode_plan(cu, sk, 0, t, width)[0] if block_m == 1 else
+                 K.indexer.programs(cu, rows, pos, 0, t, block_m))
+        got = K.indexer.indexer_logits(q.to(DEV), w.to(DEV), kc.to(DEV).view(-1, d),
+                                       ks.to(DEV).view(-1), table.to(DEV), progs, 0, t, width,
+                                       block_size, block_m, block_n).cpu()
+        for r in range(t):
+            n = int(pos[r]) + 1
+            s_pos = torch.arange(n)
+            slot = table[int(rows[r])][s_pos // block_size].long() * block_size + s_pos % block_size
+            dots = torch.einsum("hd,sd->sh", q[r].double(), flat_k[slot])
+            want = flat_s[slot] * (dots.clamp_min(0) * w[r].double()).sum(1)
+            # float32 accumulation of d-term dots and h-term sums: a few ulps of the largest term
+            tol = 1e-5 * (flat_s[slot][:, None] * dots.abs() * w[r].double().abs()).sum(1).amax()
+            assert (got[r, :n].double() - want).abs().max() <= tol, (block_m, r)
+            # the rest of the tile holding the row's position is written, -inf
+            assert (got[r, n:triton.cdiv(n, block_n) * block_n] == float("-inf")).all(), (block_m, r)
+
+
 def test_indexer_topk_fused_first_pass_is_the_plain_select():
     """The op, with pass 1 fused into the logits kernel or not, returns, bit for bit, the plain
     select of its scores."""
@@ -513,10 +556,6 @@ def test_rope_kernel_is_bit_identical_to_reference(interleaved, heads, d, n):
         got = K.rope.rope(x.to(DEV), cos_t.to(DEV), sin_t.to(DEV), interleaved)
         got = got.cpu()
         want = ref.rope(x, cos_t, sin_t, interleaved)
-        # the other load schedule (pairs split in registers): the same bits
-        other = K.rope.rope(x.to(DEV), cos_t.to(DEV), sin_t.to(DEV), interleaved,
-                            in_registers=not K.rope.IN_REGISTERS).cpu()
-        assert torch.equal(other, want), dtype
         assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
         assert torch.equal(got, want), dtype
         # the reference against float64, channel by channel from the spec's pairing
