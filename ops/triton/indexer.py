@@ -286,6 +286,15 @@ def programs(cu_seqlens_q, rows, pos, t0: int, t1: int, block_m: int) -> torch.T
     return table[:n]
 
 
+def default_hi_bits(block_m: int, n_rows: int) -> int:
+    """The top-k's pass-1 digit width for a chunk: 13 bits for decode chunks of up to
+    ``FUSED_MAX_ROWS`` rows (fewer candidates for the one program a row that pins the k-th key;
+    their pass 1 runs in the logits kernel), else 12. H200, 128K keys, the op as a CUDA graph,
+    12 -> 13 bits: B=1 0.0352 -> 0.0358 ms, B=8 0.0907 -> 0.0798, B=32 0.2195 -> 0.2165, B=64
+    0.3960 -> 0.3854, and B=128 (unfused) 0.7847 -> 0.7939 (BENCHMARKS.md session 10)."""
+    return HI_BITS + 1 if block_m == 1 and n_rows <= FUSED_MAX_ROWS else HI_BITS
+
+
 def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlens_k, topk,
                  max_seqlen_k: int | None = None, block_m: int | None = None,
                  block_n: int | None = None, max_chunk_elements: int = 1 << 26,
@@ -325,9 +334,7 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         else:
             progs = programs(cu_seqlens_q, rows, pos, t0, t1, block_m)
             row_len = (pos[t0:t1] + 1).clamp_max(width).to(torch.int32)
-        # a 13-bit first digit for up to 8 decode rows (fewer candidates for the one program a
-        # row that pins the k-th key: 4-16% faster there, H200; 12 bits win from 16 rows up)
-        hi_bits = HI_BITS + 1 if block_m == 1 and t1 - t0 <= 8 else HI_BITS
+        hi_bits = default_hi_bits(block_m, t1 - t0)
         # fused_first_pass: the top-k's pass 1 runs in the logits kernel, on the scores in
         # registers; else in the select's own pass over them (indexer scores bunch into a few
         # bins: warp-aggregated atomics there, 1.3-1.7x)
