@@ -7,7 +7,11 @@ or bf16 operands, float32 accumulation) with the KEYS as the MMA's rows, so the 
 sum runs along the accumulator's columns: inside a thread plus two lane shuffles, not across
 warps through shared memory (with heads as rows it was; 197 TFLOPS, BENCHMARKS.md). The queries'
 tile is loaded once and reused for every key tile. Key tiles wholly beyond the block's last query
-are skipped (their scores stay -inf). Queries are processed in chunks so that the float32 score
+are skipped (their scores stay -inf). The loop is bound by instruction issue, not by the MMA, so
+its integer work is kept small: the page size is a constant, and the tiles wholly before the
+run's first token (all but the one or two at the causal frontier) take their rows from scalar
+block-table loads and run without masks (450 -> 240 instructions a tile, 609 -> 877 TFLOPS;
+H200, BENCHMARKS.md session 10). Queries are processed in chunks so that the float32 score
 matrix held at once is bounded (``max_chunk_elements``), then each chunk goes through the radix
 top-k. The launch table is built on the device: no host sync when the caller passes the step's
 ``max_seqlen_k``, so a decode step can be captured in a CUDA graph; with one token a run (decode)

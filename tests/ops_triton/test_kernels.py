@@ -476,7 +476,7 @@ def test_indexer_logits_page_sizes(block_size):
     # float64 scores from the spec: I(t, s) = k_scale(s) * sum_h w(t, h) * ReLU(q(t, h) . k(s))
     flat_k = kc.double().view(-1, d)
     flat_s = ks.double().view(-1)
-    for block_m in (1, 2):
+    for block_m in (1, 2, 4):
         progs = (K.indexer.decode_plan(cu, sk, 0, t, width)[0] if block_m == 1 else
                  K.indexer.programs(cu, rows, pos, 0, t, block_m))
         got = K.indexer.indexer_logits(q.to(DEV), w.to(DEV), kc.to(DEV).view(-1, d),
