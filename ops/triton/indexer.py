@@ -55,7 +55,8 @@ def _key_slots(bt_row, offs_n, last_pos, BLOCK_SIZE: tl.constexpr):
 @triton.jit
 def _tile_pages(bt_row, n0, last_pos, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Block-table entries of the one or two pages that hold keys n0 .. n0 + BLOCK_N - 1 (a
-    page past ``last_pos``: 0, never read). Scalars: one load each, on the uniform datapath."""
+    page past ``last_pos``: 0, never read), for pages of a multiple of BLOCK_N keys or of
+    BLOCK_N / 2. Scalars: one load each."""
     b0 = tl.load(bt_row + n0 // BLOCK_SIZE, mask=n0 <= last_pos, other=0)
     if BLOCK_SIZE < BLOCK_N:
         b1 = tl.load(bt_row + n0 // BLOCK_SIZE + 1, mask=n0 + BLOCK_SIZE <= last_pos, other=0)
@@ -69,7 +70,7 @@ def _tile_slots(b0, b1, n0, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """Flat cache rows of keys n0 .. n0 + BLOCK_N - 1 from their pages (``_tile_pages``): an
     add and a select a key, the in-page offsets being loop-invariant."""
     r = tl.arange(0, BLOCK_N)
-    if BLOCK_SIZE < BLOCK_N:  # two pages (n0 is page-aligned)
+    if BLOCK_SIZE < BLOCK_N:  # two pages of BLOCK_N / 2 (n0 is page-aligned)
         return tl.where(r < BLOCK_SIZE, b0, b1).to(tl.int64) * BLOCK_SIZE + r % BLOCK_SIZE
     else:  # one page holds the whole tile
         return b0.to(tl.int64) * BLOCK_SIZE + (n0 % BLOCK_SIZE + r)
@@ -156,9 +157,10 @@ def _indexer_logits_kernel(
     hist_rows = HIST + ((tok - t0).to(tl.int64) * SPLIT + tl.program_id(1) % SPLIT) * (1 << HI)
     bt_row = BT + row * stride_bt
     qt = tl.trans(q)
-    if BLOCK_SIZE * 2 >= BLOCK_N:
-        # Tiles wholly before the run's first token need no masks: their keys' pages come from
-        # one or two scalar block-table loads, one tile ahead (so the key loads depend only on
+    if BLOCK_SIZE % BLOCK_N == 0 or BLOCK_N == 2 * BLOCK_SIZE:
+        # Pages and tiles nest (a page holds whole tiles, or a tile two whole pages). Tiles
+        # wholly before the run's first token need no masks: their keys' pages come from one or
+        # two scalar block-table loads, one tile ahead (so the key loads depend only on
         # loop-carried values and the pipeliner issues them stages early). The tile(s) at the
         # causal frontier then take the masked form.
         n_full = tl.maximum(tl.minimum((pos_start + 1) // BLOCK_N * BLOCK_N, n_hi), n_lo)
@@ -173,7 +175,7 @@ def _indexer_logits_kernel(
             slot = _key_slots(bt_row, n0 + tl.arange(0, BLOCK_N), last_pos, BLOCK_SIZE)
             _score_tile(KC, KS, slot, n0, qt, w, pos, last_pos, out_rows, mmask, hist_rows, D,
                         BLOCK_M, BLOCK_N, H_PAD, HAS_SCALE, IEEE, DO_HIST, HI, MASKED=True)
-    else:  # small pages: a block-table hop a key, every tile masked
+    else:  # small or odd-sized pages: a block-table hop a key, every tile masked
         slot_next = _key_slots(bt_row, n_lo + tl.arange(0, BLOCK_N), last_pos, BLOCK_SIZE)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             slot = slot_next  # one tile ahead, as above

@@ -452,10 +452,11 @@ def test_indexer_logits_counts_the_topk_first_pass(block_m):
                 assert torch.equal(got[r], want.int()), (hi, split, t0, r)
 
 
-@pytest.mark.parametrize("block_size", [4, 16, 64, 256])
+@pytest.mark.parametrize("block_size", [4, 16, 24, 48, 64, 96, 256])
 def test_indexer_logits_page_sizes(block_size):
-    """The logits kernel's three ways to find a key tile's cache rows (pages of at least a
-    tile, two pages a tile, a block-table hop a key) against float64 scores, over ragged rows
+    """The logits kernel's three ways to find a key tile's cache rows (pages of whole tiles,
+    two pages a tile, a block-table hop a key, which pages that do not nest with the tiles
+    take) against float64 scores, over ragged rows
     whose tiles are wholly before a run's tokens (the unmasked loop), at its causal frontier
     and past a row's length, with the k-scales, in decode (one token a run) and prefill runs."""
     g = _gen(41 + block_size)
