@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Compile the cuda backend's Triton kernels for sm90 on any machine (no GPU needed) and report
+what the hardware will run: registers, shared memory, stack (spills), wgmma waits, and the
+instruction mix of every loop. The method behind BENCHMARKS.md's sessions 5 and 10: a loop of
+450 instructions a tile with ~250 integer ones (the indexer logits, session 9) is bound by
+instruction issue, not by its MMA, and that is visible here before any GPU time is spent.
+
+    python tools/kernel_sass.py [--kernel NAME[,NAME...]] [--sass DIR]
+
+Each preset compiles a kernel with the constexprs, warps and stages its launcher uses by default
+at the benchmark sizes, and with the pointer / stride divisibility the JIT would infer there.
+The SASS depends on the Triton version (the device image runs 3.6; the report names the one
+used). ``--sass DIR`` also writes each kernel's full SASS and PTX there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# compiled, never interpreted (the interpreter's kernels have no compiler inputs); the CPU
+# test setup sets TRITON_INTERPRET=1 for the kernel tests
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dsa_ascend.backends.cuda import kernels  # noqa: E402
+
+K = kernels()
+
+
+def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=()):
+    """A kernel, the types of its runtime arguments (the rest are constexprs), its constexprs,
+    launch options, and the arguments known to be multiples of 16 (all pointers always are)."""
+    return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
+                num_stages=num_stages, divisible=divisible)
+
+
+def presets() -> dict:
+    ix, tk, sm, rp = K.indexer, K.topk, K.sparse_mla, K.rope
+    logits_types = dict(Q="*fp8e4nv", W="*fp32", KC="*fp8e4nv", KS="*fp32", BT="*i32",
+                        PROG="*i32", OUT="*fp32", HIST="*i32", stride_qt="i32", stride_wt="i32",
+                        stride_bt="i32", width="i32", t0="i32", tiles_per_prog="i32")
+    logits_div = ("stride_qt", "stride_wt", "stride_bt", "width")
+    logits = dict(H=64, H_PAD=64, D=128, HAS_SCALE=True, IEEE=False, BLOCK_SIZE=64)
+    topk_types = dict(S="*fp32", LEN="*i32", HIST="*i32", SEL="*i32", COUNTS="*i32",
+                      NCAND="*i32", CAND_S="*fp32", CAND_P="*i32", NSEL="*i32", SEL_P="*i32",
+                      THRESH="*i32", OUT="*i32", VALS="*fp32", stride_s="i32", stride_c="i32",
+                      stride_o="i32", k="i32", n_chunks="i32")
+    topk_div = ("stride_s", "stride_c", "stride_o")
+    mla_types = dict(Q="*bf16", KV="*bf16", SLOT="*i32", OUT="*bf16", LSE="*fp32",
+                     **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_os", "stride_ot",
+                                           "stride_oh", "stride_ls", "stride_lt", "H", "K",
+                                           "k_per_split")}, scale_log2="fp32")
+    mla_div = ("stride_qt", "stride_qh", "stride_os", "stride_ot", "stride_oh", "stride_ls",
+               "stride_lt")
+    mla = dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64, IEEE=False)
+    return {
+        # prefill: runs of PREFILL_BLOCK_M tokens, 64-key FP8 tiles (indexer_topk's defaults)
+        "indexer_prefill": _preset(
+            ix._indexer_logits_kernel, logits_types,
+            dict(logits, BLOCK_M=ix.PREFILL_BLOCK_M, BLOCK_N=64, DO_HIST=False, HI=12, SPLIT=1),
+            8, 3, logits_div),
+        # decode: one token a program, 128-key tiles, the fused pass-1 histogram (13 bits, 4 parts)
+        "indexer_decode": _preset(
+            ix._indexer_logits_kernel, logits_types,
+            dict(logits, BLOCK_M=1, BLOCK_N=128, DO_HIST=True, HI=13, SPLIT=4), 4, 2, logits_div),
+        "topk_hist": _preset(tk._hi_hist_kernel, topk_types,
+                             dict(HI=12, CHUNK=tk.CHUNK, WARP_AGG=True, SPLIT=1,
+                                  WINDOW=tk.HIST_WINDOW), 4, divisible=topk_div),
+        "topk_compact": _preset(tk._compact_kernel, topk_types, dict(HI=12, CHUNK=tk.CHUNK), 4,
+                                divisible=topk_div),
+        "topk_finish": _preset(tk._finish_kernel, topk_types,
+                               dict(HI=12, CHUNK=tk.CHUNK, BLOCK=2048, DIGIT=4), 8,
+                               divisible=topk_div),
+        "topk_write": _preset(tk._write_kernel, topk_types,
+                              dict(CHUNK=tk.CHUNK, MAX_CHUNKS=128, PAD=16, BLOCK=64,
+                                   WITH_VALS=True), 1, divisible=topk_div),
+        "sparse_mla_triton_bf16": _preset(sm._sparse_mla_fwd_kernel, mla_types,
+                                          dict(mla, KV_FP8=False, ROW_WIDTH=576), 8, 2, mla_div),
+        "sparse_mla_triton_fp8": _preset(sm._sparse_mla_fwd_kernel, dict(mla_types, KV="*u8"),
+                                         dict(mla, KV_FP8=True, ROW_WIDTH=656), 8, 2, mla_div),
+        # MLA's q_pe: [T, 128, 64] of 192 channels, interleaved pairs
+        "rope_q_pe": _preset(rp._rope_kernel,
+                             dict(X="*bf16", COS="*fp32", SIN="*fp32", Y="*bf16",
+                                  **{n: "i32" for n in ("n_heads", "sx_t", "sx_h", "sc_t", "ss_t",
+                                                        "sy_t", "sy_h")}),
+                             dict(HALF=32, REST=0, REST_P2=1, INTERLEAVED=True, BLOCK_H=64), 4,
+                             divisible=("sx_t", "sx_h", "sc_t", "ss_t", "sy_t", "sy_h")),
+    }
+
+
+def _nvidia_tool(name: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"kernel_sass: {name} is not in this Triton wheel ({path})")
+    return path
+
+
+def compile_sm90(p: dict):
+    """The kernel compiled for sm90 (``types`` may name arguments of other kernels too: a
+    preset's constexprs must all be the kernel's)."""
+    fn = p["fn"]
+    names = fn.arg_names
+    stray = sorted(set(p["constexprs"]) - set(names))
+    if stray:
+        raise ValueError(f"kernel_sass: {fn.__name__} has no argument(s) {stray}")
+    sig = {n: p["types"].get(n, "constexpr") for n in names}
+    missing = [n for n in names if sig[n] == "constexpr" and n not in p["constexprs"]]
+    if missing:
+        raise ValueError(f"kernel_sass: {fn.__name__}: no value for constexpr(s) {missing}")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in p["divisible"]}
+    src = ASTSource(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"]))
+
+
+def _cuobjdump(kernel, flag: str) -> str:
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        return subprocess.run([_nvidia_tool("cuobjdump"), flag, f.name], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);")
+
+
+def loops(sass: str) -> list[dict]:
+    """Every backward branch's body: its address range, size and opcode histogram."""
+    instrs = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(sass)]
+    out = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            body = [t for a, t in instrs if lo <= a <= addr]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                                      for t in body)
+            out.append(dict(start=lo, end=addr, n=len(body), ops=ops))
+    return out
+
+
+def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
+    kernel = compile_sm90(p)
+    usage = _cuobjdump(kernel, "-res-usage")
+    reg = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    sass = _cuobjdump(kernel, "-sass")
+    ptx = kernel.asm["ptx"]
+    row = dict(name=name, kernel=p["fn"].__name__, registers=int(reg.group(1)) if reg else None,
+               stack_bytes=int(stack.group(1)) if stack else None,
+               shared_bytes=kernel.metadata.shared, warps=p["num_warps"], stages=p["num_stages"],
+               wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+               wgmma_waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
+               instructions=len(_INSTR.findall(sass)), loops=loops(sass))
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        with open(os.path.join(sass_dir, f"{name}.sass"), "w") as f:
+            f.write(sass)
+        with open(os.path.join(sass_dir, f"{name}.ptx"), "w") as f:
+            f.write(ptx)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernel", default=None, help="comma list of presets (default: all): "
+                    + ", ".join(presets()))
+    ap.add_argument("--sass", default=None, help="directory for each kernel's SASS and PTX")
+    args = ap.parse_args(argv)
+    table = presets()
+    chosen = args.kernel.split(",") if args.kernel else list(table)
+    bad = [c for c in chosen if c not in table]
+    if bad:
+        ap.error(f"unknown preset(s) {bad}; choose from {list(table)}")
+    print(f"Triton {triton.__version__}, target sm90")
+    for name in chosen:
+        r = report(name, table[name], args.sass)
+        print(f"{name} ({r['kernel']}): {r['registers']} registers, {r['stack_bytes']} B stack "
+              f"(spills), {r['shared_bytes']} B shared, {r['warps']} warps, {r['stages']} stages, "
+              f"{r['instructions']} instructions, wgmma {r['wgmma']} (waits {r['wgmma_waits']})")
+        for lp in r["loops"]:
+            mix = " ".join(f"{k}:{v}" for k, v in lp["ops"].most_common(12))
+            print(f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['n']} instructions; {mix}")
+
+
+if __name__ == "__main__":
+    main()
