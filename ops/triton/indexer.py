@@ -39,6 +39,8 @@ FUSED_MAX_ROWS = 64
 # Query tokens a program takes in prefill (runs of one sequence), with 64-key FP8 tiles. H200,
 # 512 queries x 128K keys: 4 x 64 (8 warps, 3 stages) 1.159 ms = 947 TFLOPS, 2 x 64 (4 warps, 2
 # stages) 1.209, the earlier 2 x 128 (8 warps, 3 stages) 1.657 (BENCHMARKS.md session 10).
+# Steps of up to two tokens a sequence (MTP-style decode) take runs of 2: at 32 sequences x 2
+# tokens x 128K keys the op took 0.466 ms with runs of 4 (half the columns idle), 0.387 with 2.
 PREFILL_BLOCK_M = 4
 
 
@@ -218,8 +220,10 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
         # constexprs of the histogram: fixed without one, so they add no compiled variants
         HI=hi_bits if hist is not None else HI_BITS, SPLIT=hist_split if hist is not None else 1,
         BLOCK_SIZE=block_size,
-        num_warps=num_warps or (4 if block_m * h_pad <= 64 else 8),
-        num_stages=num_stages or (2 if block_m == 1 else 3),
+        # H200, FP8, 64 heads: 1 x 128 keys 4 warps, 2 stages (decode); 2 x 64 4 warps, 2
+        # stages; 4 x 64 8 warps, 3 stages (BENCHMARKS.md session 10)
+        num_warps=num_warps or (4 if block_m * h_pad <= 128 else 8),
+        num_stages=num_stages or (2 if block_m <= 2 else 3),
     )
     return scores
 
@@ -318,7 +322,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
                 torch.empty((0, topk), dtype=torch.float32, device=device))
     ieee = q.dtype == torch.float32
     if block_m is None:  # decode: one token a sequence; prefill: runs of tokens share key tiles
-        block_m = 1 if t <= cu_seqlens_q.shape[0] - 1 else PREFILL_BLOCK_M
+        n_seqs = cu_seqlens_q.shape[0] - 1
+        block_m = 1 if t <= n_seqs else (2 if t <= 2 * n_seqs else PREFILL_BLOCK_M)
     if block_n is None:
         block_n = 32 if ieee else (128 if block_m == 1 else 64)
     max_len = max_seqlen_k if max_seqlen_k is not None else int(seqlens_k.max())
