@@ -45,6 +45,14 @@ def _paged(n_tokens_per_row, width, block_size, g, dtype=torch.float32):
     return cache, table
 
 
+def _step(q_lens, kv_lens):
+    """A packed step on DEV: cu_seqlens_q, seqlens_k, and every token's sequence and position."""
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
+    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
+    rows = paging.token_rows(cu, sum(q_lens))
+    return cu, sk, rows, paging.query_positions(cu, sk, sum(q_lens), rows=rows)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -430,10 +438,7 @@ def test_indexer_logits_counts_the_topk_first_pass(block_m):
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=g).to(LOWP)
     w = torch.rand(t, h, generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
-    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
-    rows = paging.token_rows(cu, t)
-    pos = paging.query_positions(cu, sk, t, rows=rows)
+    cu, sk, rows, pos = _step(q_lens, kv_lens)
     block_n = 32
     width = triton.cdiv(max(kv_lens), block_n) * block_n
     for hi, split in ((12, 1), (13, 4)):
@@ -468,10 +473,7 @@ def test_indexer_logits_page_sizes(block_size):
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=g).to(LOWP)
     w = torch.randn(t, h, generator=g)
-    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
-    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
-    rows = paging.token_rows(cu, t)
-    pos = paging.query_positions(cu, sk, t, rows=rows)
+    cu, sk, rows, pos = _step(q_lens, kv_lens)
     kc = cache.to(LOWP)
     width = triton.cdiv(max(kv_lens), block_n) * block_n
     # float64 scores from the spec: I(t, s) = k_scale(s) * sum_h w(t, h) * ReLU(q(t, h) . k(s))
@@ -510,11 +512,8 @@ def test_indexer_topk_fused_first_pass_is_the_plain_select():
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=g).to(LOWP).to(DEV)
     w = torch.rand(t, h, generator=g).to(DEV)
-    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32).to(DEV)
-    sk = torch.tensor(kv_lens, dtype=torch.int32).to(DEV)
+    cu, sk, rows, pos = _step(q_lens, kv_lens)
     kc, tb = cache.to(LOWP).to(DEV), table.to(DEV)
-    rows = paging.token_rows(cu, t)
-    pos = paging.query_positions(cu, sk, t, rows=rows)
     block_n = 32 if LOWP == torch.float32 else 128
     width = triton.cdiv(max(kv_lens), block_n) * block_n
     for block_m, fused in ((1, True), (2, True), (2, False)):
