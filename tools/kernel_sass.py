@@ -34,6 +34,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from dsa_ascend.backends.cuda import kernels  # noqa: E402
 
+try:  # Gluon kernels compile from their own source type
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon._runtime import GluonJITFunction as _GluonJIT
+except ImportError:  # pragma: no cover - depends on the Triton build
+    GluonASTSource = _GluonJIT = None
+
 K = kernels()
 
 
@@ -54,8 +60,8 @@ def presets() -> dict:
     topk_types = dict(S="*fp32", LEN="*i32", HIST="*i32", SEL="*i32", COUNTS="*i32",
                       NCAND="*i32", CAND_S="*fp32", CAND_P="*i32", NSEL="*i32", SEL_P="*i32",
                       THRESH="*i32", OUT="*i32", VALS="*fp32", stride_s="i32", stride_c="i32",
-                      stride_o="i32", k="i32", n_chunks="i32")
-    topk_div = ("stride_s", "stride_c", "stride_o")
+                      stride_o="i32", k="i32", n_chunks="i32", n_cols="i32")
+    topk_div = ("stride_s", "stride_c", "stride_o", "n_cols")
     mla_types = dict(Q="*bf16", KV="*bf16", SLOT="*i32", OUT="*bf16", LSE="*fp32",
                      **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_os", "stride_ot",
                                            "stride_oh", "stride_ls", "stride_lt", "H", "K",
@@ -78,6 +84,9 @@ def presets() -> dict:
                                   WINDOW=tk.HIST_WINDOW), 4, divisible=topk_div),
         "topk_compact": _preset(tk._compact_kernel, topk_types, dict(HI=12, CHUNK=tk.CHUNK), 4,
                                 divisible=topk_div),
+        "topk_compact_gluon": _preset(K.topk_sm90._compact_kernel_gl, topk_types,
+                                      dict(HI=12, CHUNK=tk.CHUNK, WARPS=tk.COMPACT_WARPS),
+                                      tk.COMPACT_WARPS, divisible=topk_div),
         "topk_finish": _preset(tk._finish_kernel, topk_types,
                                dict(HI=12, CHUNK=tk.CHUNK, BLOCK=2048, DIGIT=4), 8,
                                divisible=topk_div),
@@ -119,7 +128,10 @@ def compile_sm90(p: dict):
         raise ValueError(f"kernel_sass: {fn.__name__}: no value for constexpr(s) {missing}")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n].startswith("*") or n in p["divisible"]}
-    src = ASTSource(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
+    source = ASTSource
+    if _GluonJIT is not None and isinstance(fn, _GluonJIT):
+        source = GluonASTSource
+    src = source(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"]))
 

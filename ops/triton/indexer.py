@@ -34,8 +34,9 @@ from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, select
 
 # indexer_topk's default for fused_first_pass: decode chunks (one token a program) of at most
 # this many rows. H200, 128K keys, indexer + top-k: B=1 0.0433 -> 0.0392 ms, B=8 0.103 -> 0.094,
-# B=32 0.256 -> 0.249, B=64 0.454 -> 0.441; a 4096-token prefill chunk 19.1 -> 23.7 ms (slower).
-FUSED_MAX_ROWS = 64
+# B=32 0.256 -> 0.249, B=64 0.454 -> 0.441 (session 9); B=128 0.762 -> 0.713 with the 13-bit
+# digit (session 11; 0.731 with 12 bits); a 4096-token prefill chunk 19.1 -> 23.7 ms (slower).
+FUSED_MAX_ROWS = 128
 # Query tokens a program takes in prefill (runs of one sequence), with 64-key FP8 tiles. H200,
 # 512 queries x 128K keys: 4 x 64 (8 warps, 3 stages) 1.159 ms = 947 TFLOPS, 2 x 64 (4 warps, 2
 # stages) 1.209, the earlier 2 x 128 (8 warps, 3 stages) 1.657 (BENCHMARKS.md session 10).
@@ -301,7 +302,9 @@ def default_hi_bits(block_m: int, n_rows: int) -> int:
     ``FUSED_MAX_ROWS`` rows (fewer candidates for the one program a row that pins the k-th key;
     their pass 1 runs in the logits kernel), else 12. H200, 128K keys, the op as a CUDA graph,
     12 -> 13 bits: B=1 0.0352 -> 0.0358 ms, B=8 0.0907 -> 0.0798, B=32 0.2195 -> 0.2165, B=64
-    0.3960 -> 0.3854, and B=128 (unfused) 0.7847 -> 0.7939 (BENCHMARKS.md session 10)."""
+    0.3960 -> 0.3854 (BENCHMARKS.md session 10); B=128, fused: 0.7309 -> 0.7129 (session 11).
+    14 bits (B=32, 64): fewer candidates, but the op 1-5% slower (a 4x larger histogram to zero
+    and scan)."""
     return HI_BITS + 1 if block_m == 1 and n_rows <= FUSED_MAX_ROWS else HI_BITS
 
 

@@ -10,7 +10,8 @@ lower position wins).
 Two schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all passes
 in one launch) and ``topk_multi`` (each row split over many programs: a wide top-digit histogram,
 candidate compaction, an exact select among the candidates, an ordered write from the compacted
-lists; two reads of the scores). ``select_topk`` uses ``topk_multi``.
+lists; two reads of the scores). ``select_topk`` uses ``topk_multi``. On GPUs its compaction
+pass runs as a Gluon kernel (``topk_sm90``: the same contract, explicit layouts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 import triton
 import triton.language as tl
+
+from . import topk_sm90
 
 
 @triton.jit
@@ -132,6 +135,8 @@ HIST_WINDOW = 64
 # Up to this many rows pass 1 splits its histograms and takes no window; beyond it, one
 # histogram a row and the window (both measured on the H200, BENCHMARKS.md sessions 8-9).
 FEW_ROWS = 132
+# Warps of the Gluon compaction (topk_sm90) a 1024-key chunk
+COMPACT_WARPS = 4
 
 
 @triton.jit
@@ -176,7 +181,7 @@ def _warp_group_count(digit):
 
 
 @triton.jit
-def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexpr,
+def _hi_hist_kernel(S, LEN, HIST, stride_s, n_cols, HI: tl.constexpr, CHUNK: tl.constexpr,
                     WARP_AGG: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr):
     """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r] with L2
     atomics (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin). WINDOW > 0:
@@ -193,7 +198,9 @@ def _hi_hist_kernel(S, LEN, HIST, stride_s, HI: tl.constexpr, CHUNK: tl.constexp
         return
     offs = start + tl.arange(0, CHUNK)
     inb = offs < row_len
-    key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf")))
+    # masked by the buffer's width, so the loads are 16-byte vectors (see _compact_kernel)
+    key = _sortable(tl.load(S + r.to(tl.int64) * stride_s + offs, mask=offs < n_cols,
+                            other=float("-inf")))
     digit = (key >> (32 - HI)).to(tl.int32)
     # SPLIT partial histograms a row (chunk c into partial c % SPLIT): fewer atomics on a hot bin
     hist = HIST + (r * SPLIT + tl.program_id(1) % SPLIT) * (1 << HI)
@@ -227,14 +234,19 @@ def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, str
     chosen = tl.load(SEL + 2 * r)
     offs = start + tl.arange(0, CHUNK)
     inb = offs < row_len
-    x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=inb, other=float("-inf"))
+    # loads masked by the buffer's width (stride_c), not the row's length: a mask the compiler
+    # can prove constant over 16 keys makes them 16-byte vectors; keys past the row are dropped
+    # by ``inb`` below
+    x = tl.load(S + r.to(tl.int64) * stride_s + offs, mask=offs < stride_c, other=float("-inf"))
     digit = (_sortable(x) >> (32 - HI)).to(tl.int32)
     above = inb & (digit > chosen)
     cand = inb & (digit == chosen)
     keep = above | cand
-    n_above = tl.sum(above.to(tl.int32), 0)
+    # both counts from one reduction: keys above in the low 16 bits, candidates above them
+    both = tl.sum(above.to(tl.int32) + (cand.to(tl.int32) << 16), 0)
+    n_above = both & 0xFFFF
+    n = both >> 16
     tl.store(COUNTS + (r * n_chunks + c) * 2, n_above)
-    n = tl.sum(cand.to(tl.int32), 0)
     tl.store(NSEL + r * n_chunks + c, n_above + n)
     if n_above + n > 0:
         # one scan for both ranks: kept keys in the low 16 bits, candidates above them (CHUNK
@@ -386,7 +398,8 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
                hi_bits: int = HI_BITS, warp_agg: bool = False, values: bool = False,
                write_block: int = 64, write_warps: int = 1, finish_warps: int = 8,
                hist_split: int | None = None, finish_block: int = 2048, finish_digit: int = 4,
-               hist: torch.Tensor | None = None, hist_window: int | None = None):
+               hist: torch.Tensor | None = None, hist_window: int | None = None,
+               scan_warps: int | None = None, compact_impl: str | None = None):
     """``topk_rows``'s contract, each row split over many programs, reading the scores twice
     (top-digit histogram; count + compaction) plus one program per row over the candidates and
     an ordered write from the compacted lists: every SM busy at any row count. ``hi_bits``
@@ -401,7 +414,10 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     caller (``hist_workspace``'s layout, the same ``hi_bits`` and ``hist_split``, counting exactly
     the keys before each row's length): it is skipped. ``hist_window`` (0 or a power of two up
     to 2^hi_bits; default ``default_hist_window(n)``): pass 1 counts the keys near each chunk's
-    lowest digit in the program first."""
+    lowest digit in the program first. ``compact_impl``: pass 2's kernel, "gluon"
+    (``topk_sm90``, GPUs only: 1.3-1.4x faster, BENCHMARKS.md session 11), "triton", or None
+    (Gluon where it runs); ``scan_warps``: the warps of passes 1 and 2 (default: 4, 8 from
+    4096-key chunks in the Triton kernels; ``COMPACT_WARPS`` in the Gluon one)."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
@@ -444,15 +460,26 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     sel = ints[n * (2 * length + n_chunks):n * (2 * length + n_chunks + 2)]
     thresh = ints[n * (2 * length + n_chunks + 2):]
     grid = (n, n_chunks)
-    warps = 8 if chunk >= 4096 else 4
+    warps = scan_warps or (8 if chunk >= 4096 else 4)
     if not hist_done:
-        _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), HI=hi_bits, CHUNK=chunk,
-                              WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
+        _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
+                              CHUNK=chunk, WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
                               WINDOW=hist_window, num_warps=warps)
     _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, num_warps=8)
-    _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
-                          scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
-                          num_warps=warps)
+    if compact_impl not in (None, "gluon", "triton"):
+        raise ValueError(f"topk_multi: compact_impl must be None, 'gluon' or 'triton', got "
+                         f"{compact_impl!r}")
+    gluon_ok = topk_sm90.available(scores)
+    if compact_impl == "gluon" and not gluon_ok:
+        raise ValueError("topk_multi: compact_impl='gluon' needs a CUDA GPU (sm80+), Gluon and "
+                         "no Triton interpreter")
+    if compact_impl == "gluon" or (compact_impl is None and gluon_ok):
+        topk_sm90.compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
+                          length, n_chunks, hi_bits, chunk, scan_warps or COMPACT_WARPS)
+    else:
+        _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
+                              scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
+                              num_warps=warps)
     _finish_kernel[(n,)](sel, ncand, cand_s, cand_p, counts, thresh, length, n_chunks,
                          HI=hi_bits, CHUNK=chunk, BLOCK=finish_block, DIGIT=finish_digit,
                          num_warps=finish_warps)
@@ -471,9 +498,16 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: boo
     kept, BENCHMARKS.md). Temporary memory: about three times the scores (the candidate buffers
     and the position lists, sized for the worst case of every key tied) plus up to 4 x 2^hi_bits
     x 4 bytes of histograms a row.
-    ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``, ``hist``: see ``topk_multi``."""
+    ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``, ``hist``: see ``topk_multi``.
+    Bunched scores (``warp_agg``, the indexer's) in 32 to FEW_ROWS rows (decode batches) take a
+    4096-candidate register block on 16 warps for the candidates' select: they have 750-2600
+    candidates a row at 128K, so the 2048 block's loop ran for the largest (H200, the finish
+    kernel: B=32 12.5 -> 8.0 us, B=64 12.8 -> 8.3, B=128 26.1 -> 20.3). It is slower where
+    there are fewer candidates or rows: N(0, 1) scores 64 x 32K 5.7 -> 7.7 us, and the decode op
+    at B=1 35.8 -> 37.1-39.4 us (BENCHMARKS.md session 11)."""
+    big = warp_agg and 32 <= scores.shape[0] <= FEW_ROWS
     return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits,
-                      hist=hist)
+                      hist=hist, finish_block=4096 if big else 2048, finish_warps=16 if big else 8)
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, k: int, block: int = 4096,

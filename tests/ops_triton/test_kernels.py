@@ -209,6 +209,11 @@ def test_topk_rows_exact_sets_and_ties():
                                                  finish_digit=digit, hist_split=split,
                                                  hist_window=win).cpu(),
                                got), (chunk, hi, wb, fb, split, win)
+    # both compaction kernels (the Gluon one runs on GPUs only), at several warp counts
+    for impl, warps in ((("triton", 4), ("gluon", 2), ("gluon", 4), ("gluon", 8)) if ON_GPU
+                        else (("triton", 1), ("triton", 4))):
+        assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, compact_impl=impl,
+                                             scan_warps=warps).cpu(), got), (impl, warps)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -233,10 +238,12 @@ def test_topk_first_pass_histogram_is_a_bincount(window):
     s[4, 17] = float("-inf")
     lens = torch.randint(1, length + 1, (n,), generator=g).int()
     lens[0] = length
+    lens[1] = length // 3
+    s[1, lens[1]:] = float("nan")  # past a row's length: loaded (vector loads), never counted
     for split in (1, 2):
         hist = torch.zeros(n * split << hi, dtype=torch.int32, device=DEV)
         K.topk._hi_hist_kernel[(n, triton.cdiv(length, chunk))](
-            s.to(DEV), lens.to(DEV), hist, length, HI=hi, CHUNK=chunk, WARP_AGG=ON_GPU,
+            s.to(DEV), lens.to(DEV), hist, length, length, HI=hi, CHUNK=chunk, WARP_AGG=ON_GPU,
             SPLIT=split, WINDOW=window, num_warps=4)
         got = hist.cpu().view(n, split, 1 << hi).sum(1)
         for r in range(n):
@@ -257,6 +264,11 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
     for win in (48, 1 << 13):
         with pytest.raises(ValueError, match="hist_window must be 0 or a power of two"):
             K.topk.topk_multi(s, lens, 8, hi_bits=12, hist_window=win)
+    with pytest.raises(ValueError, match="compact_impl must be None, 'gluon' or 'triton'"):
+        K.topk.topk_multi(s, lens, 8, compact_impl="cuda")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="compact_impl='gluon' needs a CUDA GPU"):
+            K.topk.topk_multi(s, lens, 8, compact_impl="gluon")
     with pytest.raises(ValueError, match="hist must be int32"):
         K.topk.topk_multi(s, lens, 8, hist=torch.zeros(7, dtype=torch.int32, device=DEV))
 

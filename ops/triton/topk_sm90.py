@@ -1,0 +1,95 @@
+"""The top-k select's compaction pass (``topk._compact_kernel``'s contract) in Gluon, for GPUs.
+
+The Triton kernel loads a chunk's scores as 16-byte vectors (4 keys a thread), but its masked
+scatter stores get a one-key-a-thread layout from the compiler, so every store's 64-bit
+pointers, values and masks go through shared memory first (six layout conversions, three of
+them of pointer tensors). Here one explicit layout ([4] keys a thread, 32 lanes, WARPS warps)
+serves the load, the compares, the reduction, the scan and the scatter stores, so nothing is
+converted: 528 instead of 640 instructions a thread at 4 warps (Triton 3.6, sm90,
+``tools/kernel_sass.py``), 1.6-2.1 warp-instructions a key at 1-4 warps against 2.5.
+H200, same process, the indexer's decode scores at 128K (BENCHMARKS.md session 11): B=32
+18.5 -> 14.2 us, B=64 35.2 -> 26.9, B=128 68.6 -> 52.6; 512 bunched rows of 64K-128K 208 -> 158
+us. 4 warps a 1024-key chunk: 2 and 8 were as fast or slower at every size measured.
+
+Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernel;
+the two write the same counts, lists and candidate sets (the candidates' order in their buffer
+depends on the order programs run in either way, and nothing downstream depends on it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    _GLUON = True
+except ImportError:  # pragma: no cover - depends on the Triton build
+    _GLUON = False
+
+
+def available(scores: torch.Tensor) -> bool:
+    """Whether the Gluon kernel can run on ``scores``: a CUDA tensor, Gluon, no interpreter."""
+    if not _GLUON or scores.device.type != "cuda":
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return torch.cuda.get_device_capability(scores.device)[0] >= 8
+
+
+if _GLUON:
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _compact_kernel_gl(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s,
+                           stride_c, n_chunks, HI: gl.constexpr, CHUNK: gl.constexpr,
+                           WARPS: gl.constexpr):
+        """``topk._compact_kernel``, every tensor in one layout (see the module docstring)."""
+        layout: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+        r = gl.program_id(0)
+        c = gl.program_id(1)
+        start = c * CHUNK
+        row_len = gl.load(LEN + r)
+        if start < row_len:
+            chosen = gl.load(SEL + 2 * r)
+            offs = start + gl.arange(0, CHUNK, layout=layout)
+            inb = offs < row_len
+            # masked by the buffer's width (16-byte vectors); keys past the row: dropped by inb
+            x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < stride_c,
+                        other=float("-inf"))
+            x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key (topk._sortable)
+            bits = x.to(gl.uint32, bitcast=True)
+            key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+            digit = (key >> (32 - HI)).to(gl.int32)
+            above = inb & (digit > chosen)
+            cand = inb & (digit == chosen)
+            keep = above | cand
+            # keys above in the low 16 bits, candidates above them (CHUNK <= 16384)
+            both = gl.sum(above.to(gl.int32) + (cand.to(gl.int32) << 16), 0)
+            n_above = both & 0xFFFF
+            n = both >> 16
+            gl.store(COUNTS + (r * n_chunks + c) * 2, n_above)
+            gl.store(NSEL + r * n_chunks + c, n_above + n)
+            if n_above + n > 0:
+                rank = gl.associative_scan(keep.to(gl.int32) + (cand.to(gl.int32) << 16), 0, _add)
+                gl.store(SEL_P + r.to(gl.int64) * stride_c + start + (rank & 0xFFFF) - 1, offs,
+                         mask=keep)
+                if n > 0:
+                    slot = gl.atomic_add(NCAND + r, n, sem="relaxed") + (rank >> 16) - 1
+                    gl.store(CAND_S + r.to(gl.int64) * stride_c + slot, x, mask=cand)
+                    gl.store(CAND_P + r.to(gl.int64) * stride_c + slot, offs, mask=cand)
+
+
+def compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p, length,
+            n_chunks, hi_bits, chunk, warps):
+    """Launch the Gluon compaction with ``topk._compact_kernel``'s arguments."""
+    _compact_kernel_gl[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
+                             scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
+                             WARPS=warps, num_warps=warps)
+
+
+__all__ = ["available", "compact"]
