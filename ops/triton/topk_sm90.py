@@ -9,7 +9,8 @@ converted: 528 instead of 640 instructions a thread at 4 warps (Triton 3.6, sm90
 ``tools/kernel_sass.py``), 1.6-2.1 warp-instructions a key at 1-4 warps against 2.5.
 H200, same process, the indexer's decode scores at 128K (BENCHMARKS.md session 11): B=32
 18.5 -> 14.2 us, B=64 35.2 -> 26.9, B=128 68.6 -> 52.6; 512 bunched rows of 64K-128K 208 -> 158
-us. 4 warps a 1024-key chunk: 2 and 8 were as fast or slower at every size measured.
+us. 4 warps a 1024-key chunk: 2 and 8 were slower at every size measured but 1 x 128K
+(8 warps: 2.1 against 2.3 us).
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernel;
 the two write the same counts, lists and candidate sets (the candidates' order in their buffer
