@@ -135,7 +135,7 @@ HIST_WINDOW = 64
 # Up to this many rows pass 1 splits its histograms and takes no window; beyond it, one
 # histogram a row and the window (both measured on the H200, BENCHMARKS.md sessions 8-9).
 FEW_ROWS = 132
-# Warps of the Gluon compaction (topk_sm90) a 1024-key chunk
+# Warps of the Gluon passes 1 and 2 (topk_sm90) a 1024-key chunk
 COMPACT_WARPS = 4
 
 
@@ -399,7 +399,8 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
                write_block: int = 64, write_warps: int = 1, finish_warps: int = 8,
                hist_split: int | None = None, finish_block: int = 2048, finish_digit: int = 4,
                hist: torch.Tensor | None = None, hist_window: int | None = None,
-               scan_warps: int | None = None, compact_impl: str | None = None):
+               scan_warps: int | None = None, compact_impl: str | None = None,
+               hist_impl: str | None = None):
     """``topk_rows``'s contract, each row split over many programs, reading the scores twice
     (top-digit histogram; count + compaction) plus one program per row over the candidates and
     an ordered write from the compacted lists: every SM busy at any row count. ``hi_bits``
@@ -414,10 +415,11 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     caller (``hist_workspace``'s layout, the same ``hi_bits`` and ``hist_split``, counting exactly
     the keys before each row's length): it is skipped. ``hist_window`` (0 or a power of two up
     to 2^hi_bits; default ``default_hist_window(n)``): pass 1 counts the keys near each chunk's
-    lowest digit in the program first. ``compact_impl``: pass 2's kernel, "gluon"
-    (``topk_sm90``, GPUs only: 1.3-1.4x faster, BENCHMARKS.md session 11), "triton", or None
-    (Gluon where it runs); ``scan_warps``: the warps of passes 1 and 2 (default: 4, 8 from
-    4096-key chunks in the Triton kernels; ``COMPACT_WARPS`` in the Gluon one)."""
+    lowest digit in the program first. ``compact_impl`` / ``hist_impl``: the kernel of pass 2 /
+    pass 1, "gluon" (``topk_sm90``, GPUs only; pass 1's with ``warp_agg`` only; BENCHMARKS.md
+    session 11), "triton", or None (Gluon where it runs); ``scan_warps``: the warps of passes 1
+    and 2 (default: 4, 8 from 4096-key chunks in the Triton kernels; ``COMPACT_WARPS`` in the
+    Gluon ones)."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
@@ -461,18 +463,24 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     thresh = ints[n * (2 * length + n_chunks + 2):]
     grid = (n, n_chunks)
     warps = scan_warps or (8 if chunk >= 4096 else 4)
-    if not hist_done:
+    gluon_ok = topk_sm90.available(scores)
+    for name, impl in (("compact_impl", compact_impl), ("hist_impl", hist_impl)):
+        if impl not in (None, "gluon", "triton"):
+            raise ValueError(f"topk_multi: {name} must be None, 'gluon' or 'triton', got {impl!r}")
+        if impl == "gluon" and not gluon_ok:
+            raise ValueError(f"topk_multi: {name}='gluon' needs a CUDA GPU (sm80+), Gluon and no "
+                             "Triton interpreter")
+    if hist_impl == "gluon" and not warp_agg:
+        raise ValueError("topk_multi: hist_impl='gluon' counts with warp-aggregated atomics; "
+                         "pass warp_agg=True")
+    if not hist_done and warp_agg and (hist_impl == "gluon" or (hist_impl is None and gluon_ok)):
+        topk_sm90.hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, hist_split,
+                          hist_window, scan_warps or COMPACT_WARPS)
+    elif not hist_done:
         _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
                               CHUNK=chunk, WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
                               WINDOW=hist_window, num_warps=warps)
     _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, num_warps=8)
-    if compact_impl not in (None, "gluon", "triton"):
-        raise ValueError(f"topk_multi: compact_impl must be None, 'gluon' or 'triton', got "
-                         f"{compact_impl!r}")
-    gluon_ok = topk_sm90.available(scores)
-    if compact_impl == "gluon" and not gluon_ok:
-        raise ValueError("topk_multi: compact_impl='gluon' needs a CUDA GPU (sm80+), Gluon and "
-                         "no Triton interpreter")
     if compact_impl == "gluon" or (compact_impl is None and gluon_ok):
         topk_sm90.compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
                           length, n_chunks, hi_bits, chunk, scan_warps or COMPACT_WARPS)

@@ -1,4 +1,5 @@
-"""The top-k select's compaction pass (``topk._compact_kernel``'s contract) in Gluon, for GPUs.
+"""The top-k select's passes 1 and 2 (``topk._hi_hist_kernel`` with warp-aggregated atomics,
+``topk._compact_kernel``) in Gluon, for GPUs.
 
 The Triton kernel loads a chunk's scores as 16-byte vectors (4 keys a thread), but its masked
 scatter stores get a one-key-a-thread layout from the compiler, so every store's 64-bit
@@ -10,7 +11,9 @@ converted: 528 instead of 640 instructions a thread at 4 warps (Triton 3.6, sm90
 H200, same process, the indexer's decode scores at 128K (BENCHMARKS.md session 11): B=32
 18.5 -> 14.2 us, B=64 35.2 -> 26.9, B=128 68.6 -> 52.6; 512 bunched rows of 64K-128K 208 -> 158
 us. 4 warps a 1024-key chunk: 2 and 8 were slower at every size measured but 1 x 128K
-(8 warps: 2.1 against 2.3 us).
+(8 warps: 2.1 against 2.3 us). Pass 1 the same way: 728 -> 648 instructions with the
+in-program window (most of them are the window's histogram), 312 -> 224 without; H200, 512
+bunched rows 209.6 -> 194.2 us, 1024 x 32K N(0, 1) 158.7 -> 143.6, 64 x 32K 21.3 -> 16.6.
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernel;
 the two write the same counts, lists and candidate sets (the candidates' order in their buffer
@@ -85,6 +88,61 @@ if _GLUON:
                     gl.store(CAND_P + r.to(gl.int64) * stride_c + slot, offs, mask=cand)
 
 
+    @gluon.jit
+    def _warp_group_count_gl(digit):
+        """``topk._warp_group_count``: per element index, the lanes of a warp holding the same
+        digit, counted on the lowest of them (0 on the others)."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .b32 m, lt, lo;
+            .reg .pred p;
+            match.any.sync.b32 m, $1, -1;
+            mov.u32 lt, %lanemask_lt;
+            and.b32 lo, m, lt;
+            setp.eq.u32 p, lo, 0;
+            popc.b32 $0, m;
+            @!p mov.u32 $0, 0;
+            }""", "=r,r", [digit], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _hi_hist_kernel_gl(S, LEN, HIST, stride_s, n_cols, HI: gl.constexpr, CHUNK: gl.constexpr,
+                           SPLIT: gl.constexpr, WINDOW: gl.constexpr, WARPS: gl.constexpr):
+        """``topk._hi_hist_kernel`` with warp-aggregated atomics, in one layout."""
+        layout: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+        bins_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        r = gl.program_id(0)
+        c = gl.program_id(1)
+        start = c * CHUNK
+        row_len = gl.load(LEN + r)
+        if start < row_len:
+            offs = start + gl.arange(0, CHUNK, layout=layout)
+            inb = offs < row_len
+            x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < n_cols,
+                        other=float("-inf"))
+            x = gl.where(x == 0.0, 0.0, x)
+            bits = x.to(gl.uint32, bitcast=True)
+            key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+            digit = (key >> (32 - HI)).to(gl.int32)
+            hist = HIST + (r * SPLIT + c % SPLIT) * (1 << HI)
+            rest = inb
+            if WINDOW > 0:
+                lo = gl.min(gl.where(inb, digit, 1 << HI), 0)
+                near = inb & (digit - lo < WINDOW)
+                counts = gl.histogram(digit - lo, WINDOW, mask=near, layout=bins_layout)
+                bins = gl.arange(0, WINDOW, layout=bins_layout)
+                gl.atomic_add(hist + lo + bins, counts, mask=counts > 0, sem="relaxed")
+                rest = inb & ~near
+            n = _warp_group_count_gl(gl.where(rest, digit, -1))
+            gl.atomic_add(hist + digit, n, mask=rest & (n > 0), sem="relaxed")
+
+
+def hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, split, window, warps):
+    """Launch the Gluon pass 1 with ``topk._hi_hist_kernel``'s arguments (warp-aggregated)."""
+    _hi_hist_kernel_gl[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
+                             CHUNK=chunk, SPLIT=split, WINDOW=window, WARPS=warps,
+                             num_warps=warps)
+
+
 def compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p, length,
             n_chunks, hi_bits, chunk, warps):
     """Launch the Gluon compaction with ``topk._compact_kernel``'s arguments."""
@@ -93,4 +151,4 @@ def compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel
                              WARPS=warps, num_warps=warps)
 
 
-__all__ = ["available", "compact"]
+__all__ = ["available", "compact", "hi_hist"]

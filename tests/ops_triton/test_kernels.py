@@ -212,8 +212,10 @@ def test_topk_rows_exact_sets_and_ties():
     # both compaction kernels (the Gluon one runs on GPUs only), at several warp counts
     for impl, warps in ((("triton", 4), ("gluon", 2), ("gluon", 4), ("gluon", 8)) if ON_GPU
                         else (("triton", 1), ("triton", 4))):
-        assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, compact_impl=impl,
-                                             scan_warps=warps).cpu(), got), (impl, warps)
+        for win in (0, 64):
+            assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, compact_impl=impl,
+                                                 hist_impl=impl, warp_agg=True, hist_window=win,
+                                                 scan_warps=warps).cpu(), got), (impl, warps, win)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -245,10 +247,16 @@ def test_topk_first_pass_histogram_is_a_bincount(window):
         K.topk._hi_hist_kernel[(n, triton.cdiv(length, chunk))](
             s.to(DEV), lens.to(DEV), hist, length, length, HI=hi, CHUNK=chunk, WARP_AGG=ON_GPU,
             SPLIT=split, WINDOW=window, num_warps=4)
-        got = hist.cpu().view(n, split, 1 << hi).sum(1)
+        got = [hist.cpu().view(n, split, 1 << hi).sum(1)]
+        if ON_GPU:  # the Gluon pass 1 (warp-aggregated; no interpreter) counts the same
+            hist_gl = torch.zeros_like(hist)
+            K.topk_sm90.hi_hist((n, triton.cdiv(length, chunk)), s.to(DEV), lens.to(DEV), hist_gl,
+                                length, hi, chunk, split, window, 4)
+            got.append(hist_gl.cpu().view(n, split, 1 << hi).sum(1))
         for r in range(n):
             want = torch.bincount(_sortable_keys(s[r, :lens[r]]) >> (32 - hi), minlength=1 << hi)
-            assert torch.equal(got[r], want.int()), (window, split, r)
+            for i, g_ in enumerate(got):
+                assert torch.equal(g_[r], want.int()), (window, split, r, i)
 
 
 def test_topk_multi_names_a_bad_digit_width_or_chunk():
@@ -264,11 +272,15 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
     for win in (48, 1 << 13):
         with pytest.raises(ValueError, match="hist_window must be 0 or a power of two"):
             K.topk.topk_multi(s, lens, 8, hi_bits=12, hist_window=win)
-    with pytest.raises(ValueError, match="compact_impl must be None, 'gluon' or 'triton'"):
-        K.topk.topk_multi(s, lens, 8, compact_impl="cuda")
-    if not ON_GPU:
-        with pytest.raises(ValueError, match="compact_impl='gluon' needs a CUDA GPU"):
-            K.topk.topk_multi(s, lens, 8, compact_impl="gluon")
+    for name in ("compact_impl", "hist_impl"):
+        with pytest.raises(ValueError, match=f"{name} must be None, 'gluon' or 'triton'"):
+            K.topk.topk_multi(s, lens, 8, **{name: "cuda"})
+        if not ON_GPU:
+            with pytest.raises(ValueError, match=f"{name}='gluon' needs a CUDA GPU"):
+                K.topk.topk_multi(s, lens, 8, **{name: "gluon"})
+    if ON_GPU:
+        with pytest.raises(ValueError, match="hist_impl='gluon' counts with warp-aggregated"):
+            K.topk.topk_multi(s, lens, 8, hist_impl="gluon")
     with pytest.raises(ValueError, match="hist must be int32"):
         K.topk.topk_multi(s, lens, 8, hist=torch.zeros(7, dtype=torch.int32, device=DEV))
 
