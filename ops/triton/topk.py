@@ -11,7 +11,8 @@ Two schedules with the same output, bit for bit: ``topk_rows`` (one program per 
 in one launch) and ``topk_multi`` (each row split over many programs: a wide top-digit histogram,
 candidate compaction, an exact select among the candidates, an ordered write from the compacted
 lists; two reads of the scores). ``select_topk`` uses ``topk_multi``. On GPUs its compaction
-pass runs as a Gluon kernel (``topk_sm90``: the same contract, explicit layouts).
+pass, and its first pass where it aggregates atomics within warps, run as Gluon kernels
+(``topk_sm90``: the same contracts, explicit layouts).
 """
 
 from __future__ import annotations

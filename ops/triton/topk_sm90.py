@@ -15,8 +15,8 @@ us. 4 warps a 1024-key chunk: 2 and 8 were slower at every size measured but 1 x
 in-program window (most of them are the window's histogram), 312 -> 224 without; H200, 512
 bunched rows 209.6 -> 194.2 us, 1024 x 32K N(0, 1) 158.7 -> 143.6, 64 x 32K 21.3 -> 16.6.
 
-Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernel;
-the two write the same counts, lists and candidate sets (the candidates' order in their buffer
+Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernels;
+both forms write the same histograms, counts, lists and candidate sets (the candidates' order in their buffer
 depends on the order programs run in either way, and nothing downstream depends on it).
 """
 
@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 
 
 def available(scores: torch.Tensor) -> bool:
-    """Whether the Gluon kernel can run on ``scores``: a CUDA tensor, Gluon, no interpreter."""
+    """Whether the Gluon kernels can run on ``scores``: a CUDA tensor, Gluon, no interpreter."""
     if not _GLUON or scores.device.type != "cuda":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -86,7 +86,6 @@ if _GLUON:
                     slot = gl.atomic_add(NCAND + r, n, sem="relaxed") + (rank >> 16) - 1
                     gl.store(CAND_S + r.to(gl.int64) * stride_c + slot, x, mask=cand)
                     gl.store(CAND_P + r.to(gl.int64) * stride_c + slot, offs, mask=cand)
-
 
     @gluon.jit
     def _warp_group_count_gl(digit):
