@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import topk_sm90
+from .topk_sm90 import WARP_GROUP_COUNT_ASM
 
 
 @triton.jit
@@ -168,17 +169,8 @@ def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr, SPLIT: tl.constexpr):
 def _warp_group_count(digit):
     """For each lane: how many lanes of its warp hold the same digit, on the lowest such lane,
     else 0 (PTX match.any; the same warp-aggregated atomics CUB's histograms use)."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 m, lt, lo;
-        .reg .pred p;
-        match.any.sync.b32 m, $1, -1;
-        mov.u32 lt, %lanemask_lt;
-        and.b32 lo, m, lt;
-        setp.eq.u32 p, lo, 0;
-        popc.b32 $0, m;
-        @!p mov.u32 $0, 0;
-        }""", "=r,r", [digit], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(WARP_GROUP_COUNT_ASM, "=r,r", [digit], dtype=tl.int32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit

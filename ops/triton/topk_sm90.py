@@ -26,6 +26,22 @@ import os
 
 import torch
 
+import triton.language as tl
+
+# PTX for each lane: how many lanes of its warp hold the same value, on the lowest such lane, else
+# 0 (match.any; the warp-aggregated atomics of CUB's histograms). Used by the Triton and the
+# Gluon pass 1 alike (an inline-asm string must be a constexpr to be read inside a kernel).
+WARP_GROUP_COUNT_ASM = tl.constexpr("""{
+    .reg .b32 m, lt, lo;
+    .reg .pred p;
+    match.any.sync.b32 m, $1, -1;
+    mov.u32 lt, %lanemask_lt;
+    and.b32 lo, m, lt;
+    setp.eq.u32 p, lo, 0;
+    popc.b32 $0, m;
+    @!p mov.u32 $0, 0;
+    }""")
+
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -49,6 +65,17 @@ if _GLUON:
         return a + b
 
     @gluon.jit
+    def _chunk_digits(S, r, stride_s, offs, n_cols, HI: gl.constexpr):
+        """A chunk's scores and the top HI bits of their sortable keys (``topk._sortable``),
+        loaded as 16-byte vectors: masked by the buffer's width ``n_cols``, not the row's length
+        (the callers drop keys past the row)."""
+        x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < n_cols, other=float("-inf"))
+        x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key
+        bits = x.to(gl.uint32, bitcast=True)
+        key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+        return x, (key >> (32 - HI)).to(gl.int32)
+
+    @gluon.jit
     def _compact_kernel_gl(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s,
                            stride_c, n_chunks, HI: gl.constexpr, CHUNK: gl.constexpr,
                            WARPS: gl.constexpr):
@@ -62,13 +89,7 @@ if _GLUON:
             chosen = gl.load(SEL + 2 * r)
             offs = start + gl.arange(0, CHUNK, layout=layout)
             inb = offs < row_len
-            # masked by the buffer's width (16-byte vectors); keys past the row: dropped by inb
-            x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < stride_c,
-                        other=float("-inf"))
-            x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key (topk._sortable)
-            bits = x.to(gl.uint32, bitcast=True)
-            key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-            digit = (key >> (32 - HI)).to(gl.int32)
+            x, digit = _chunk_digits(S, r, stride_s, offs, stride_c, HI)
             above = inb & (digit > chosen)
             cand = inb & (digit == chosen)
             keep = above | cand
@@ -91,17 +112,8 @@ if _GLUON:
     def _warp_group_count_gl(digit):
         """``topk._warp_group_count``: per element index, the lanes of a warp holding the same
         digit, counted on the lowest of them (0 on the others)."""
-        return gl.inline_asm_elementwise(
-            """{
-            .reg .b32 m, lt, lo;
-            .reg .pred p;
-            match.any.sync.b32 m, $1, -1;
-            mov.u32 lt, %lanemask_lt;
-            and.b32 lo, m, lt;
-            setp.eq.u32 p, lo, 0;
-            popc.b32 $0, m;
-            @!p mov.u32 $0, 0;
-            }""", "=r,r", [digit], dtype=gl.int32, is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(WARP_GROUP_COUNT_ASM, "=r,r", [digit], dtype=gl.int32,
+                                         is_pure=True, pack=1)
 
     @gluon.jit
     def _hi_hist_kernel_gl(S, LEN, HIST, stride_s, n_cols, HI: gl.constexpr, CHUNK: gl.constexpr,
@@ -116,12 +128,7 @@ if _GLUON:
         if start < row_len:
             offs = start + gl.arange(0, CHUNK, layout=layout)
             inb = offs < row_len
-            x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < n_cols,
-                        other=float("-inf"))
-            x = gl.where(x == 0.0, 0.0, x)
-            bits = x.to(gl.uint32, bitcast=True)
-            key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-            digit = (key >> (32 - HI)).to(gl.int32)
+            _, digit = _chunk_digits(S, r, stride_s, offs, n_cols, HI)
             hist = HIST + (r * SPLIT + c % SPLIT) * (1 << HI)
             rest = inb
             if WINDOW > 0:
