@@ -181,6 +181,49 @@ def topk(rows, k=2048):
                          ms=bench(fn, rep=50)))
 
 
+def topk_short(rows, k=2048):
+    """Rows of up to 32K keys: ``topk_resident`` (one program a row, the row in registers)
+    against ``topk_multi``, CUDA graphs, N(0, 1) scores; outputs checked equal first."""
+    for n, length in ((64, 4096), (1024, 4096), (128, 8192), (1024, 8192), (64, 16384), (132, 16384),
+                      (1024, 16384), (64, 32768), (132, 32768), (1024, 32768)):
+        s = torch.randn(n, length, device=DEV)
+        lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
+        gb = n * length * 4 / 1e6
+        name = f"top-{k} of {length} x {n} rows"
+        want = K.topk.topk_multi(s, lens, k)
+        assert torch.equal(K.topk.topk_resident(s, lens, k), want), name
+        for label, fn in (("multi-program", lambda: K.topk.topk_multi(s, lens, k)),
+                          ("one program a row, in registers", lambda: K.topk.topk_resident(s, lens, k)),
+                          (f"select_topk policy (resident: {K.topk.resident_fits(n, length)})",
+                           lambda: K.select_topk(s, lens, k))):
+            ms = bench(graph_replay(fn))
+            rows.append(dict(name=f"{name}: {label}, CUDA graph", ms=ms, gbps=gb / ms))
+
+
+def decode_indexer_short(rows, bw, h=64, d=128, topk=2048):
+    """The decode op at short contexts, CUDA graphs: the default (rows up to 8K, or 16K from 32
+    rows, take the one-program-a-row select) against the multi-program select with its first
+    pass in the logits kernel (the default before, forced by ``fused_first_pass=True``)."""
+    for ctx in (4096, 8192, 16384, 32768):
+        for b in (1, 32, 128):
+            cache, table = paged_cache(b, ctx, d, torch.float32)
+            kq, ks = quantize_fp8_blocks(cache, d)
+            ks = ks.squeeze(-1).contiguous()
+            q, _ = quantize_fp8_blocks(torch.randn(b, h, d, device=DEV), d)
+            w = torch.rand(b, h, device=DEV)
+            cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+            sk = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+            op = lambda **kw: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx, **kw)  # noqa: E731
+            a, b_ = op(), op(fused_first_pass=True)
+            assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]), (ctx, b)
+            nbytes = b * ctx * (d + 4)
+            for label, fn in (("default", op), ("multi-program, fused pass 1",
+                                                 lambda: op(fused_first_pass=True))):
+                ms = bench(graph_replay(fn))
+                rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}: {label}, CUDA graph",
+                                 ms=ms, gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
+
+
 def indexer_select(rows, bw, ctx=131072, h=64, d=128, topk=2048):
     """The select on the indexer's own decode logits at 128K, by batch: the pass-1 digit width
     (the policy of ``indexer_topk``) and the whole op, each as a CUDA graph."""
@@ -347,7 +390,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma list: prefill,indexer,topk,decode,decode_sweep,idx128k,idxsel,rope")
+                    help="comma list: prefill,indexer,topk,topk_short,decode,decode_sweep,idx128k,"
+                         "idxshort,idxsel,rope")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -358,7 +402,9 @@ def main():
              ("topk", lambda: topk(rows)),
              ("decode", lambda: sparse_decode(rows, peak, bw)),
              ("decode_sweep", lambda: decode_sweep(rows, peak, bw)),
+             ("topk_short", lambda: topk_short(rows)),
              ("idx128k", lambda: decode_indexer_128k(rows, bw)),
+             ("idxshort", lambda: decode_indexer_short(rows, bw)),
              ("idxsel", lambda: indexer_select(rows, bw)),
              ("rope", lambda: rope(rows, bw))]
     run_steps(rows, steps, only)

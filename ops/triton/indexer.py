@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from dsa_ascend import paging
 
-from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, select_topk
+from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, resident_fits, select_topk
 
 # indexer_topk's default for fused_first_pass: decode chunks (one token a program) of at most
 # this many rows. H200, 128K keys, indexer + top-k: B=1 0.0433 -> 0.0392 ms, B=8 0.103 -> 0.094,
@@ -317,7 +317,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
     ``max_seqlen_k`` (host metadata) there is no host sync (the launch is planned on the device),
     so a decode step can be captured in a CUDA graph; without it, one sync reads max(seqlens_k).
     ``fused_first_pass``: the top-k's pass-1 histogram counted by the logits kernel (same output,
-    bit for bit); None: for decode chunks of up to ``FUSED_MAX_ROWS`` rows."""
+    bit for bit); None: for decode chunks of up to ``FUSED_MAX_ROWS`` rows too long for the
+    one-program-a-row select (``topk.resident_fits``), which decode chunks of short rows take."""
     t, h, d = q.shape
     device = q.device
     if t == 0:
@@ -353,14 +354,19 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # registers; else in the select's own pass over them (indexer scores bunch into a few
         # bins: warp-aggregated atomics there, 1.3-1.7x)
         split = default_hist_split(t1 - t0)  # the select's own rule, so the layouts agree
-        fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS if fused_first_pass is None
-                else fused_first_pass)
+        # decode and two-token rows that are short take the one-program-a-row select, which
+        # has no first pass to fuse (prefill rows are causal, half as long on average: not
+        # measured there, so they keep the multi-program select)
+        resident = (block_m <= 2 and fused_first_pass is not True
+                    and resident_fits(t1 - t0, width))
+        fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS and not resident
+                if fused_first_pass is None else fused_first_pass)
         hist = hist_workspace(t1 - t0, hi_bits, split, device) if fuse else None
         scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
                                 k_cache.shape[1], block_m, block_n, hist=hist, hi_bits=hi_bits,
                                 hist_split=split)
         parts.append(select_topk(scores, row_len, topk, values=True, warp_agg=True,
-                                 hi_bits=hi_bits, hist=hist))
+                                 hi_bits=hi_bits, hist=hist, resident=resident))
     if len(parts) == 1:  # decode and short prefill: no copy into a joined output
         return parts[0]
     return torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])

@@ -115,6 +115,68 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
         done_eq += tl.sum(eq.to(tl.int32), 0)
 
 
+# -------------------------------------------------- one program a row, the row in registers
+# For rows of up to RESIDENT_MAX keys: one program loads its whole row once (32 keys a thread at
+# 32K on 32 warps) and finds the k-th largest key T bit by bit on registers, most significant
+# first: T | 2^b is kept when at least kk keys are >= it (a subtract and a shift-add a key, one
+# block reduction a bit). One packed scan then ranks the keys > T and == T in
+# position order, as ``topk_rows`` writes them. No launch but one, no workspace, no atomics.
+RESIDENT_MAX = 32768
+
+
+@triton.jit
+def _resident_kernel(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k, BLOCK: tl.constexpr,
+                     KPAD: tl.constexpr, WITH_VALS: tl.constexpr, ASM: tl.constexpr):
+    r = tl.program_id(0)
+    row_len = tl.minimum(tl.load(LEN + r), n_cols)
+    kk = tl.minimum(k, row_len)
+    offs = tl.arange(0, BLOCK)
+    inb = offs < row_len
+    row = S + r.to(tl.int64) * stride_s
+    # loads masked by the buffer's width (vectors); keys past the row become 0, below every
+    # score's key (_sortable maps -inf to 0x007FFFFF)
+    x = tl.load(row + offs, mask=offs < n_cols, other=float("-inf"))
+    # bits 31..1 of T on the keys' top 31 bits, as non-negative int32: for a candidate c with
+    # bit 0 clear, key >= c exactly when (key >> 1) >= (c >> 1), and (key >> 1) - (c >> 1)
+    # cannot overflow, so its sign bit counts the keys below c (a subtract and a shift-add a key)
+    hi = tl.where(inb, _sortable(x) >> 1, 0).to(tl.int32)
+    t_hi = tl.zeros([], tl.int32)
+    for i in range(31):
+        cand = t_hi | (1 << (30 - i))
+        if ASM:  # opaque to LLVM, which turns the plain form into compares and popcounts (2x)
+            sign = tl.inline_asm_elementwise(
+                "{ .reg .s32 d; sub.s32 d, $1, $2; shr.u32 $0, d, 31; }", "=r,r,r",
+                [hi, tl.full([BLOCK], 0, tl.int32) + cand], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            sign = ((hi - cand).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+        below = tl.sum(sign, 0)
+        t_hi = tl.where(BLOCK - below >= kk, cand, t_hi)
+    # bit 0 on the full keys: the scores again, from L2 (volatile: the compiler would reuse the
+    # first load and hold it in registers through the loop, spilling)
+    x = tl.load(row + offs, mask=offs < n_cols, other=float("-inf"), volatile=True)
+    key = tl.where(inb, _sortable(x), 0)
+    thresh = t_hi.to(tl.uint32, bitcast=True) << 1
+    n = tl.sum((key >= (thresh | 1)).to(tl.int32), 0)
+    thresh = tl.where(n >= kk, thresh | 1, thresh)
+    # thresh is now the kk-th largest key (all ones when kk = 0: nothing is taken below)
+    gt = key > thresh
+    eq = (key == thresh) & inb
+    # one scan for both ranks, 16 bits apart (BLOCK <= 32768 keeps them apart)
+    rank = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
+    n_gt = tl.sum(gt.to(tl.int32), 0)
+    take = eq & (((rank >> 16) & 0xFFFF) <= kk - n_gt)
+    at = tl.where(gt, (rank & 0xFFFF) - 1, n_gt + ((rank >> 16) & 0xFFFF) - 1)
+    out = OUT + r.to(tl.int64) * stride_o
+    tl.store(out + at, tl.where(x == float("-inf"), -1, offs), mask=gt | take)
+    pad = tl.arange(0, KPAD)
+    tl.store(out + pad, tl.full([KPAD], -1, tl.int32), mask=(pad >= kk) & (pad < k))
+    if WITH_VALS:
+        vals = VALS + r.to(tl.int64) * stride_o
+        tl.store(vals + at, x, mask=gt | take)
+        tl.store(vals + pad, tl.full([KPAD], float("-inf"), tl.float32),
+                 mask=(pad >= kk) & (pad < k))
+
+
 # -------------------------------------------------- multi-program select: 2 reads of the scores
 # Pass 1 histograms the top HI bits of every key (sign, exponent and the leading mantissa bits:
 # 8 bins per power of two at HI = 12; scores bunched within one power of two, as the indexer's
@@ -491,14 +553,74 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     return (out, vals) if values else out
 
 
+def resident_fits(n_rows: int, length: int) -> bool:
+    """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
+    keys: up to 8192 keys at any row count, up to 16384 from 32 rows (H200, CUDA graphs, against
+    ``topk_multi``: 1.3-2.3x there; 1 x 16K and 64 x 32K no faster, 1024 x 32K 1.17x slower,
+    BENCHMARKS.md session 12)."""
+    return length <= 8192 or (length <= 16384 and n_rows >= 32)
+
+
+def resident_warps(n_rows: int, block: int) -> int:
+    """``topk_resident``'s default warps for a block of keys (H200, the Gluon kernel): 32 from
+    16K keys (16K: 1.09-1.11x over 16 warps; 32K: the same), 4 for 8K keys in more than 512 rows
+    (several programs an SM: 1024 x 8K 112.6 -> 97.9 us), else 256 keys a warp up to 16."""
+    if block >= 16384:
+        return 32
+    if block == 8192 and n_rows > 512:
+        return 4
+    return max(1, min(16, block // 256))
+
+
+def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
+                  num_warps: int | None = None, impl: str | None = None):
+    """``topk_rows``'s contract for rows of up to ``RESIDENT_MAX`` keys, in one launch: one
+    program a row holds its row in registers (``_resident_kernel``). ``num_warps``: a power of
+    two up to 32 (default ``resident_warps``). ``impl``: "gluon" (``topk_sm90``,
+    GPUs only), "triton", or None (Gluon where it runs). ``values``: (positions, their scores),
+    -inf where the position is -1."""
+    n, length = scores.shape
+    if length > RESIDENT_MAX:
+        raise ValueError(f"topk_resident: rows of at most {RESIDENT_MAX} keys, got {length}")
+    if scores.stride(-1) != 1:
+        raise ValueError("topk_resident: scores must have unit stride along the row")
+    if num_warps is not None and (num_warps & (num_warps - 1) or not 1 <= num_warps <= 32):
+        raise ValueError(f"topk_resident: num_warps must be a power of two in [1, 32], "
+                         f"got {num_warps}")
+    if impl not in (None, "gluon", "triton"):
+        raise ValueError(f"topk_resident: impl must be None, 'gluon' or 'triton', got {impl!r}")
+    gluon_ok = topk_sm90.available(scores)
+    if impl == "gluon" and not gluon_ok:
+        raise ValueError("topk_resident: impl='gluon' needs a CUDA GPU (sm80+), Gluon and no "
+                         "Triton interpreter")
+    out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
+    vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
+    if not n or not k:
+        out.fill_(-1)
+        return (out, vals.fill_(float("-inf"))) if values else out
+    block = max(32, triton.next_power_of_2(length))
+    warps = num_warps or resident_warps(n, block)
+    block = max(block, 32 * warps)  # at least one key a thread
+    if impl == "gluon" or (impl is None and gluon_ok):
+        topk_sm90.resident(scores, lengths, out, vals, k, block, values, warps)
+    else:
+        _resident_kernel[(n,)](scores, lengths, out, vals, scores.stride(0), out.stride(0),
+                               length, k, BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)),
+                               WITH_VALS=values, ASM=_real_gpu(scores), num_warps=warps)
+    return (out, vals) if values else out
+
+
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
-                warp_agg: bool = False, hi_bits: int = HI_BITS, hist: torch.Tensor | None = None):
-    """Top-k positions per row (-1 padded): ``topk_multi``, faster than the one-program-per-row
-    ``topk_rows`` at every size measured on the H100 and the H200, 1 x 128K to 1024 x 32K, and
-    than a one-program-a-row version of its own three reads (1.5-7x slower on the H200; not
-    kept, BENCHMARKS.md). Temporary memory: about three times the scores (the candidate buffers
-    and the position lists, sized for the worst case of every key tied) plus up to 4 x 2^hi_bits
-    x 4 bytes of histograms a row.
+                warp_agg: bool = False, hi_bits: int = HI_BITS, hist: torch.Tensor | None = None,
+                resident: bool | None = None):
+    """Top-k positions per row (-1 padded). Short rows (``resident_fits``; ``resident`` forces
+    the choice, None: by shape when no ``hist`` is given) take ``topk_resident``, one program a
+    row with the row in registers and no workspace. The others take ``topk_multi``, faster than
+    the one-program-per-row ``topk_rows`` at every size measured on the H100 and the H200,
+    1 x 128K to 1024 x 32K, and than a one-program-a-row version of its own three reads (1.5-7x
+    slower on the H200; not kept, BENCHMARKS.md). Its temporary memory: about three times the
+    scores (the candidate buffers and the position lists, sized for the worst case of every key
+    tied) plus up to 4 x 2^hi_bits x 4 bytes of histograms a row.
     ``values``: (positions, their scores); ``warp_agg``, ``hi_bits``, ``hist``: see ``topk_multi``.
     Bunched scores (``warp_agg``, the indexer's) in 32 to FEW_ROWS rows (decode batches) take a
     4096-candidate register block on 16 warps for the candidates' select: they have 750-2600
@@ -506,6 +628,12 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: boo
     kernel: B=32 12.5 -> 8.0 us, B=64 12.8 -> 8.3, B=128 26.1 -> 20.3). It is slower where
     there are fewer candidates or rows: N(0, 1) scores 64 x 32K 5.7 -> 7.7 us, and the decode op
     at B=1 35.8 -> 37.1-39.4 us (BENCHMARKS.md session 11)."""
+    if resident is None:
+        resident = hist is None and resident_fits(*scores.shape)
+    if resident:
+        if hist is not None:
+            raise ValueError("select_topk: resident=True takes no pass-1 hist (it has no pass 1)")
+        return topk_resident(scores, lengths, k, values=values)
     big = warp_agg and 32 <= scores.shape[0] <= FEW_ROWS
     return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits,
                       hist=hist, finish_block=4096 if big else 2048, finish_warps=16 if big else 8)

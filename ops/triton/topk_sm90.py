@@ -26,6 +26,7 @@ import os
 
 import torch
 
+import triton
 import triton.language as tl
 
 # PTX for each lane: how many lanes of its warp hold the same value, on the lowest such lane, else
@@ -142,6 +143,70 @@ if _GLUON:
             gl.atomic_add(hist + digit, n, mask=rest & (n > 0), sem="relaxed")
 
 
+    @gluon.jit
+    def _sortable_gl(x):
+        x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key
+        bits = x.to(gl.uint32, bitcast=True)
+        return gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+    @gluon.jit
+    def _resident_kernel_gl(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k,
+                            BLOCK: gl.constexpr, KPAD: gl.constexpr, WITH_VALS: gl.constexpr,
+                            WARPS: gl.constexpr):
+        """``topk._resident_kernel`` with each thread's keys contiguous (BLOCK / (32 WARPS) of
+        them): the rank scan is one run a thread, then the lanes, then the warps."""
+        layout: gl.constexpr = gl.BlockedLayout([BLOCK // (32 * WARPS)], [32], [WARPS], [0])
+        pad_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        r = gl.program_id(0)
+        row_len = gl.minimum(gl.load(LEN + r), n_cols)
+        kk = gl.minimum(k, row_len)
+        offs = gl.arange(0, BLOCK, layout=layout)
+        inb = offs < row_len
+        row = S + r.to(gl.int64) * stride_s
+        x = gl.load(row + offs, mask=offs < n_cols, other=float("-inf"))
+        hi = gl.where(inb, _sortable_gl(x) >> 1, 0).to(gl.int32)
+        t_hi = r * 0
+        for i in range(31):
+            cand = t_hi | (1 << (30 - i))
+            sign = gl.inline_asm_elementwise(
+                "{ .reg .s32 d; sub.s32 d, $1, $2; shr.u32 $0, d, 31; }", "=r,r,r",
+                [hi, gl.full([BLOCK], 0, gl.int32, layout) + cand], dtype=gl.int32,
+                is_pure=True, pack=1)
+            t_hi = gl.where(BLOCK - gl.sum(sign, 0) >= kk, cand, t_hi)
+        x = gl.load(row + offs, mask=offs < n_cols, other=float("-inf"), volatile=True)
+        key = gl.where(inb, _sortable_gl(x), 0)
+        lo = t_hi.to(gl.uint32, bitcast=True) << 1
+        # bit 0 and the count of keys > T from one reduction: keys >= lo | 1 (low 16 bits),
+        # keys > lo | 1 (high 16 bits); keys > lo are keys >= lo | 1
+        both = gl.sum((key >= (lo | 1)).to(gl.int32) + ((key > (lo | 1)).to(gl.int32) << 16), 0)
+        up = (both & 0xFFFF) >= kk
+        thresh = gl.where(up, lo | 1, lo)
+        n_gt = gl.where(up, (both >> 16) & 0xFFFF, both & 0xFFFF)
+        gt = key > thresh
+        eq = (key == thresh) & inb
+        rank = gl.associative_scan(gt.to(gl.int32) + (eq.to(gl.int32) << 16), 0, _add)
+        r_eq = (rank >> 16) & 0xFFFF
+        take = eq & (r_eq <= kk - n_gt)
+        at = gl.where(gt, (rank & 0xFFFF) - 1, n_gt + r_eq - 1)
+        out = OUT + r.to(gl.int64) * stride_o
+        gl.store(out + at, gl.where(x == float("-inf"), -1, offs), mask=gt | take)
+        pad = gl.arange(0, KPAD, layout=pad_layout)
+        gl.store(out + pad, gl.full([KPAD], -1, gl.int32, pad_layout), mask=(pad >= kk) & (pad < k))
+        if WITH_VALS:
+            vals = VALS + r.to(gl.int64) * stride_o
+            gl.store(vals + at, x, mask=gt | take)
+            gl.store(vals + pad, gl.full([KPAD], float("-inf"), gl.float32, pad_layout),
+                     mask=(pad >= kk) & (pad < k))
+
+
+def resident(scores, lengths, out, vals, k, block, values, warps):
+    """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments."""
+    _resident_kernel_gl[(scores.shape[0],)](
+        scores, lengths, out, vals, scores.stride(0), out.stride(0), scores.shape[1], k,
+        BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values, WARPS=warps,
+        num_warps=warps)
+
+
 def hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, split, window, warps):
     """Launch the Gluon pass 1 with ``topk._hi_hist_kernel``'s arguments (warp-aggregated)."""
     _hi_hist_kernel_gl[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
@@ -157,4 +222,4 @@ def compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel
                              WARPS=warps, num_warps=warps)
 
 
-__all__ = ["available", "compact", "hi_hist"]
+__all__ = ["available", "compact", "hi_hist", "resident"]

@@ -216,6 +216,14 @@ def test_topk_rows_exact_sets_and_ties():
             assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, compact_impl=impl,
                                                  hist_impl=impl, warp_agg=True, hist_window=win,
                                                  scan_warps=warps).cpu(), got), (impl, warps, win)
+    # one program a row, the row in registers: the same output, positions and scores
+    for impl, warps in ((("triton", 16), ("gluon", None), ("gluon", 4), ("gluon", 32)) if ON_GPU
+                        else (("triton", None), ("triton", 1))):
+        idx, vals = K.topk.topk_resident(s.to(DEV), lens.to(DEV), k, values=True,
+                                         num_warps=warps, impl=impl)
+        assert torch.equal(idx.cpu(), got), (impl, warps)
+        assert torch.equal(vals.cpu(), torch.where(got >= 0, s.gather(1, got.clamp_min(0).long()),
+                                                   float("-inf"))), (impl, warps)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -283,6 +291,21 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
             K.topk.topk_multi(s, lens, 8, hist_impl="gluon")
     with pytest.raises(ValueError, match="hist must be int32"):
         K.topk.topk_multi(s, lens, 8, hist=torch.zeros(7, dtype=torch.int32, device=DEV))
+    wide = torch.randn(1, K.topk.RESIDENT_MAX + 1).to(DEV)
+    with pytest.raises(ValueError, match="topk_resident: rows of at most"):
+        K.topk.topk_resident(wide, lens[:1], 8)
+    with pytest.raises(ValueError, match="topk_resident: scores must have unit stride"):
+        K.topk.topk_resident(s.t(), lens, 8)
+    with pytest.raises(ValueError, match="topk_resident: num_warps must be a power of two"):
+        K.topk.topk_resident(s, lens, 8, num_warps=3)
+    with pytest.raises(ValueError, match="topk_resident: impl must be None, 'gluon' or 'triton'"):
+        K.topk.topk_resident(s, lens, 8, impl="cuda")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="topk_resident: impl='gluon' needs a CUDA GPU"):
+            K.topk.topk_resident(s, lens, 8, impl="gluon")
+    with pytest.raises(ValueError, match="select_topk: resident=True takes no pass-1 hist"):
+        K.select_topk(s, lens, 8, resident=True, hist=torch.zeros(2 << 12, dtype=torch.int32,
+                                                                  device=DEV))
 
 
 def test_topk_sweep():
@@ -299,6 +322,9 @@ def test_topk_sweep():
                                   chunk=(1024, 2048, None)[i % 3] if ON_GPU else 64 << (i % 3),
                                   warp_agg=bool(i % 2)).cpu()
         assert torch.equal(multi, got), (i, length, k)
+        if length <= K.topk.RESIDENT_MAX:
+            assert torch.equal(K.topk.topk_resident(s.to(DEV), lens.to(DEV), k).cpu(), got), \
+                (i, length, k)
         for r in range(2):
             want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
