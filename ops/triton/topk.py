@@ -556,7 +556,7 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
 def resident_fits(n_rows: int, length: int) -> bool:
     """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
     keys: up to 8192 keys at any row count, up to 16384 from 32 rows (H200, CUDA graphs, against
-    ``topk_multi``: 1.3-2.3x there; 1 x 16K and 64 x 32K no faster, 1024 x 32K 1.17x slower,
+    ``topk_multi``: 1.15-2.3x there; 1 x 16K and 64 x 32K no faster, 1024 x 32K 1.19x slower,
     BENCHMARKS.md session 12)."""
     return length <= 8192 or (length <= 16384 and n_rows >= 32)
 

@@ -1,5 +1,6 @@
 """The top-k select's passes 1 and 2 (``topk._hi_hist_kernel`` with warp-aggregated atomics,
-``topk._compact_kernel``) in Gluon, for GPUs.
+``topk._compact_kernel``) and its one-program-a-row select for short rows
+(``topk._resident_kernel``) in Gluon, for GPUs.
 
 The Triton kernel loads a chunk's scores as 16-byte vectors (4 keys a thread), but its masked
 scatter stores get a one-key-a-thread layout from the compiler, so every store's 64-bit
@@ -14,6 +15,11 @@ us. 4 warps a 1024-key chunk: 2 and 8 were slower at every size measured but 1 x
 (8 warps: 2.1 against 2.3 us). Pass 1 the same way: 728 -> 648 instructions with the
 in-program window (most of them are the window's histogram), 312 -> 224 without; H200, 512
 bunched rows 209.6 -> 194.2 us, 1024 x 32K N(0, 1) 158.7 -> 143.6, 64 x 32K 21.3 -> 16.6.
+
+The one-program-a-row select gives each thread contiguous keys, so its rank scan runs along a
+thread, then the lanes, then the warps: 2392 instructions a thread at 32K keys on 32 warps
+against the Triton kernel's 4120 (and 155 spill stores there); H200, 132 x 16K 29.8 -> 28.4
+us, 1024 x 32K 483 -> 377 (BENCHMARKS.md session 12).
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernels;
 both forms write the same histograms, counts, lists and candidate sets (the candidates' order in their buffer
@@ -66,15 +72,19 @@ if _GLUON:
         return a + b
 
     @gluon.jit
+    def _sortable_gl(x):
+        """``topk._sortable``: order-preserving uint32 keys of float32 scores."""
+        x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key
+        bits = x.to(gl.uint32, bitcast=True)
+        return gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+    @gluon.jit
     def _chunk_digits(S, r, stride_s, offs, n_cols, HI: gl.constexpr):
         """A chunk's scores and the top HI bits of their sortable keys (``topk._sortable``),
         loaded as 16-byte vectors: masked by the buffer's width ``n_cols``, not the row's length
         (the callers drop keys past the row)."""
         x = gl.load(S + r.to(gl.int64) * stride_s + offs, mask=offs < n_cols, other=float("-inf"))
-        x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key
-        bits = x.to(gl.uint32, bitcast=True)
-        key = gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-        return x, (key >> (32 - HI)).to(gl.int32)
+        return x, (_sortable_gl(x) >> (32 - HI)).to(gl.int32)
 
     @gluon.jit
     def _compact_kernel_gl(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s,
@@ -142,12 +152,6 @@ if _GLUON:
             n = _warp_group_count_gl(gl.where(rest, digit, -1))
             gl.atomic_add(hist + digit, n, mask=rest & (n > 0), sem="relaxed")
 
-
-    @gluon.jit
-    def _sortable_gl(x):
-        x = gl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0: one key
-        bits = x.to(gl.uint32, bitcast=True)
-        return gl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 
     @gluon.jit
     def _resident_kernel_gl(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k,
