@@ -19,7 +19,10 @@ one small kernel builds it and the top-k's row lengths (``decode_plan``). With
 ``fused_first_pass`` the logits kernel also counts the top-k's first-pass histogram from the
 scores in its registers, and the select skips its own pass over them: by default for decode
 chunks of up to ``FUSED_MAX_ROWS`` rows, where it saves 3-10% (a prefill chunk's one atomic a key
-cost more than the select's warp-aggregated pass; H200, BENCHMARKS.md session 9).
+cost more than the select's warp-aggregated pass; H200, BENCHMARKS.md session 9). Chunks of
+short rows (decode: ``topk.resident_fits``; prefill: up to ``PREFILL_RESIDENT_MAX`` keys) take
+the one-program-a-row select instead, which has no first pass (1.06-1.7x on the op there,
+BENCHMARKS.md session 12).
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from dsa_ascend import paging
 
 from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, resident_fits, select_topk
 
+# Prefill chunks take the one-program-a-row select up to this key width. Their rows are causal,
+# half as long on average: the multi-program select's work follows a row's length, the other's
+# does not. H200, the op as a CUDA graph, multi -> one program a row: 4 x 2K 694 -> 481 us,
+# 1 x 4K 536 -> 483, 4 x 4K 1735 -> 1575; 1 x 8K 1392 -> 1509, 2 x 8K 2877 -> 3111, 1 x 16K
+# 4814 -> 5556 (BENCHMARKS.md session 12).
+PREFILL_RESIDENT_MAX = 4096
 # indexer_topk's default for fused_first_pass: decode chunks (one token a program) of at most
 # this many rows. H200, 128K keys, indexer + top-k: B=1 0.0433 -> 0.0392 ms, B=8 0.103 -> 0.094,
 # B=32 0.256 -> 0.249, B=64 0.454 -> 0.441 (session 9); B=128 0.762 -> 0.713 with the 13-bit
@@ -354,11 +363,10 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # registers; else in the select's own pass over them (indexer scores bunch into a few
         # bins: warp-aggregated atomics there, 1.3-1.7x)
         split = default_hist_split(t1 - t0)  # the select's own rule, so the layouts agree
-        # decode and two-token rows that are short take the one-program-a-row select, which
-        # has no first pass to fuse (prefill rows are causal, half as long on average: not
-        # measured there, so they keep the multi-program select)
-        resident = (block_m <= 2 and fused_first_pass is not True
-                    and resident_fits(t1 - t0, width))
+        # short decode and two-token rows take the one-program-a-row select, which has no
+        # first pass to fuse; prefill rows up to PREFILL_RESIDENT_MAX keys
+        resident = ((block_m <= 2 or width <= PREFILL_RESIDENT_MAX)
+                    and fused_first_pass is not True and resident_fits(t1 - t0, width))
         fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS and not resident
                 if fused_first_pass is None else fused_first_pass)
         hist = hist_workspace(t1 - t0, hi_bits, split, device) if fuse else None

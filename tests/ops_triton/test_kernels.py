@@ -359,8 +359,13 @@ def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8, **kw):
     return g_idx.cpu(), g_val.cpu(), r_idx, r_val, ref_all
 
 
+@pytest.mark.parametrize("select", ["default", "multi"])
 @pytest.mark.parametrize("fp8", [True, False])
-def test_indexer_topk_matches_reference(fp8):
+def test_indexer_topk_matches_reference(fp8, select, monkeypatch):
+    """The op against the reference; ``multi``: the multi-program select wherever the default
+    would take the one-program-a-row select (short rows: every row of these sizes)."""
+    if select == "multi":
+        monkeypatch.setattr(K.indexer, "resident_fits", lambda n_rows, length: False)
     h = 64 if ON_GPU else 8
     q_lens, kv_lens = ([300, 1, 2], [4000, 1777, 2]) if ON_GPU else ([20, 1, 2], [60, 37, 2])
     topk = 2048 if ON_GPU else 16
