@@ -244,7 +244,11 @@ def topk_section(rows, n, length, k=2048):
     label = f"top-{k} of {length} x {n} rows"
     for name, fn in (("ours (select_topk)", lambda: K.select_topk(s, lens, k)),
                      ("ours (topk_multi)", lambda: K.topk.topk_multi(s, lens, k)),
+                     ("ours (topk_resident)", lambda: K.topk.topk_resident(s, lens, k))
+                     if length <= K.topk.RESIDENT_MAX else (None, None),
                      ("peer (tl_topk)", lambda: tk.tl_topk(s, starts, lens, k))):
+        if fn is None:
+            continue
         try:
             got = fn()
             overlap = min(len(set(got[i].tolist()) & set(want[i].tolist())) for i in range(n)) / k

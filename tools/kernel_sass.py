@@ -96,7 +96,8 @@ def presets() -> dict:
         "topk_write": _preset(tk._write_kernel, topk_types,
                               dict(CHUNK=tk.CHUNK, MAX_CHUNKS=128, PAD=16, BLOCK=64,
                                    WITH_VALS=True), 1, divisible=topk_div),
-        # one program a row, 32K keys in registers (topk_resident's default warps)
+        # one program a row, 32K keys in registers: Triton and Gluon at 32 warps (the default
+        # from 16K keys), and Triton at 16 warps with the scores written too
         "topk_resident": _preset(tk._resident_kernel, topk_types,
                                  dict(BLOCK=32768, KPAD=2048, WITH_VALS=False, ASM=True), 32,
                                  divisible=topk_div),

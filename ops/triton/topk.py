@@ -7,12 +7,14 @@ positions of keys > T (ascending) and then the lowest positions of keys == T (de
 lower position wins).
 -inf scores (masked keys) come out as -1. Entries past the row's own length are ignored.
 
-Two schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all passes
-in one launch) and ``topk_multi`` (each row split over many programs: a wide top-digit histogram,
-candidate compaction, an exact select among the candidates, an ordered write from the compacted
-lists; two reads of the scores). ``select_topk`` uses ``topk_multi``. On GPUs its compaction
-pass, and its first pass where it aggregates atomics within warps, run as Gluon kernels
-(``topk_sm90``: the same contracts, explicit layouts).
+Three schedules with the same output, bit for bit: ``topk_rows`` (one program per row, all
+passes in one launch), ``topk_resident`` (one program per row of up to 32K keys, the row held in
+registers and searched bit by bit) and ``topk_multi`` (each row split over many programs: a
+wide top-digit histogram, candidate compaction, an exact select among the candidates, an
+ordered write from the compacted lists; two reads of the scores). ``select_topk`` takes
+``topk_resident`` for short rows and ``topk_multi`` for the others. On GPUs the one-program-a-row
+select, ``topk_multi``'s compaction pass, and its first pass where it aggregates atomics within
+warps run as Gluon kernels (``topk_sm90``: the same contracts, explicit layouts).
 """
 
 from __future__ import annotations
