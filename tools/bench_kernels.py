@@ -206,13 +206,7 @@ def decode_indexer_short(rows, bw, h=64, d=128, topk=2048):
     pass in the logits kernel (the default before, forced by ``fused_first_pass=True``)."""
     for ctx in (4096, 8192, 16384, 32768):
         for b in (1, 32, 128):
-            cache, table = paged_cache(b, ctx, d, torch.float32)
-            kq, ks = quantize_fp8_blocks(cache, d)
-            ks = ks.squeeze(-1).contiguous()
-            q, _ = quantize_fp8_blocks(torch.randn(b, h, d, device=DEV), d)
-            w = torch.rand(b, h, device=DEV)
-            cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
-            sk = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+            q, w, kq, ks, table, cu, sk = _decode_inputs(b, ctx, h, d)
             op = lambda **kw: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx, **kw)  # noqa: E731
             a, b_ = op(), op(fused_first_pass=True)
             assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]), (ctx, b)
@@ -340,7 +334,9 @@ def decode_indexer_128k(rows, bw, ctx=131072, h=64, d=128, topk=2048):
         _decode_indexer(rows, bw, b, ctx, h, d, topk)
 
 
-def _decode_indexer(rows, bw, b, ctx, h, d, topk):
+def _decode_inputs(b, ctx, h, d):
+    """One decode step's indexer inputs: FP8 queries and paged FP8 keys (+ scales), weights, one
+    token a sequence, every sequence ``ctx`` keys long."""
     cache, table = paged_cache(b, ctx, d, torch.float32)
     kq, ks = quantize_fp8_blocks(cache, d)
     ks = ks.squeeze(-1).contiguous()
@@ -348,6 +344,11 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     w = torch.rand(b, h, device=DEV)
     cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
     sk = torch.full((b,), ctx, device=DEV, dtype=torch.int32)
+    return q, w, kq, ks, table, cu, sk
+
+
+def _decode_indexer(rows, bw, b, ctx, h, d, topk):
+    q, w, kq, ks, table, cu, sk = _decode_inputs(b, ctx, h, d)
     ms = bench(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk))
     nbytes = b * ctx * (d + 4)
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}", ms=ms, gbps=nbytes / ms / 1e6,
