@@ -43,11 +43,11 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 K = kernels()
 
 
-def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=()):
+def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnreg=None):
     """A kernel, the types of its runtime arguments (the rest are constexprs), its constexprs,
     launch options, and the arguments known to be multiples of 16 (all pointers always are)."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
-                num_stages=num_stages, divisible=divisible)
+                num_stages=num_stages, divisible=divisible, maxnreg=maxnreg)
 
 
 def presets() -> dict:
@@ -111,6 +111,16 @@ def presets() -> dict:
                                           dict(mla, KV_FP8=False, ROW_WIDTH=576), 8, 2, mla_div),
         "sparse_mla_triton_fp8": _preset(sm._sparse_mla_fwd_kernel, dict(mla_types, KV="*u8"),
                                          dict(mla, KV_FP8=True, ROW_WIDTH=656), 8, 2, mla_div),
+        # the warp-specialized Gluon kernel (decode and prefill), bf16 and FP8 caches
+        "sparse_mla_sm90": _preset(K.sparse_mla_sm90._sparse_mla_fwd_sm90, mla_types,
+                                   dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64,
+                                        ROW_WIDTH=576, KV_FP8=False), 4, 1, mla_div,
+                                   maxnreg=K.sparse_mla_sm90.KERNEL_REGS),
+        "sparse_mla_sm90_fp8": _preset(K.sparse_mla_sm90._sparse_mla_fwd_sm90,
+                                       dict(mla_types, KV="*u8"),
+                                       dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64,
+                                            ROW_WIDTH=656, KV_FP8=True), 4, 1, mla_div,
+                                       maxnreg=K.sparse_mla_sm90.KERNEL_REGS),
         # MLA's q_pe: [T, 128, 64] of 192 channels, interleaved pairs
         "rope_q_pe": _preset(rp._rope_kernel,
                              dict(X="*bf16", COS="*fp32", SIN="*fp32", Y="*bf16",
@@ -147,7 +157,8 @@ def compile_sm90(p: dict):
         source = GluonASTSource
     src = source(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"]))
+                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"],
+                                       **({"maxnreg": p["maxnreg"]} if p.get("maxnreg") else {})))
 
 
 def _cuobjdump(kernel, flag: str) -> str:

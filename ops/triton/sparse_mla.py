@@ -140,9 +140,10 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     (uint8, the FP8 format of dsa_ascend/kv_fp8.py), indices int32 [T, K] (positions),
     block_table int32 [R, max_blocks], token_row int32 [T] -> (out [T, H, d_v], lse [T, H]).
     ``impl``: "sm90" (the warp-specialized Gluon kernel of sparse_mla_sm90.py), "triton", or None:
-    sm90 wherever it serves the inputs (Hopper, 16-bit q and cache of one dtype, d_v 512, rope 64,
-    >= 64 heads) unless Triton tiles (block_h/block_k/num_warps/num_stages) are given; with no
-    entries to attend (K = 0) the Triton kernel writes the empty result."""
+    sm90 wherever it serves the inputs (Hopper; a 16-bit q and cache of one dtype, or a bf16 q and
+    the FP8 cache; d_v 512, rope 64, >= 64 heads) unless Triton tiles (block_h/block_k/num_warps/
+    num_stages) are given; with no entries to attend (K = 0) the Triton kernel writes the empty
+    result."""
     t, h, d = q.shape
     d_rope = d - d_v
     assert d_v & (d_v - 1) == 0 and d_rope & (d_rope - 1) == 0, "d_v and the rope width must be powers of 2"
@@ -176,8 +177,8 @@ def sparse_mla_fwd(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tenso
     if impl not in (None, "sm90", "triton"):
         raise ValueError(f"sparse_mla_fwd: impl must be None, 'sm90' or 'triton', got {impl!r}")
     if impl == "sm90" and not sm90_ok:
-        raise ValueError("sparse_mla_fwd: impl='sm90' needs a Hopper GPU, Gluon, 16-bit q and "
-                         "cache of one dtype, d_v 512 and rope 64")
+        raise ValueError("sparse_mla_fwd: impl='sm90' needs a Hopper GPU, Gluon, a 16-bit q and "
+                         "cache of one dtype (or a bf16 q and the FP8 cache), d_v 512 and rope 64")
     # The sm90 kernel is warp-specialized with its own fixed tiles: the default wherever it serves
     # the inputs and no Triton tiling was asked for (H100: 1.8x prefill, 1.7-1.8x decode, BENCHMARKS.md).
     default_tiles = all(x is None for x in (block_h_arg, block_k_arg, num_warps_arg, num_stages))

@@ -53,10 +53,13 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 
 
 def available(q: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether this kernel serves these inputs: a Hopper GPU, Gluon, 16-bit q and cache."""
-    if not _GLUON or q.device.type != "cuda" or kv.dtype != q.dtype:
+    """Whether this kernel serves these inputs: a Hopper GPU, Gluon, and a 16-bit q with a cache
+    of its dtype, or a bf16 q with the FP8 cache (uint8 entries of dsa_ascend/kv_fp8.py, whose
+    rope part is bf16)."""
+    if not _GLUON or q.device.type != "cuda":
         return False
-    if q.dtype not in (torch.bfloat16, torch.float16):
+    fp8 = kv.dtype == torch.uint8 and q.dtype == torch.bfloat16
+    if not fp8 and (kv.dtype != q.dtype or q.dtype not in (torch.bfloat16, torch.float16)):
         return False
     return torch.cuda.get_device_capability(q.device)[0] == 9
 
@@ -68,6 +71,9 @@ if _GLUON:
     # and was 8% slower in prefill; FlashMLA uses 216 / 72)
     WG_REGS = gl.constexpr(232)
     PRODUCER_REGS = gl.constexpr(40)
+    # the FP8 cache's producer holds a half tile's FP8 latent (16 KB a warpgroup) in registers
+    FP8_WG_REGS = gl.constexpr(224)
+    FP8_PRODUCER_REGS = gl.constexpr(64)
 
     @gluon.constexpr_function
     def _wgmma_layout(n):
@@ -328,13 +334,109 @@ if _GLUON:
             async_copy.mbarrier_arrive(k_ready.index(2), increment_count=False)
 
     @gluon.jit
+    def _load_fp8_half(KV, rows_s, col0: gl.constexpr, ROW_WIDTH, D_NOPE: gl.constexpr,
+                       layout: gl.constexpr):
+        """The FP8 latent columns [col0, col0 + 256) of a tile's rows, as two 128-channel scale
+        tiles, and the two tiles' scales (0 for a -1 slot), into registers."""
+        slot = rows_s.load(gl.SliceLayout(1, layout))
+        ok = slot >= 0
+        row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+        a = gl.load(row[:, None] + (col0 + cols)[None, :], mask=ok[:, None], other=0)
+        b = gl.load(row[:, None] + (col0 + 128 + cols)[None, :], mask=ok[:, None], other=0)
+        scale = (row + D_NOPE + 4 * (col0 // 128)).to(gl.pointer_type(gl.float32), bitcast=True)
+        return a, b, gl.load(scale, mask=ok, other=0.0), gl.load(scale + 1, mask=ok, other=0.0)
+
+    @gluon.jit
+    def _dequant(raw, scale, dtype: gl.constexpr):
+        """FP8 bytes x their tile's float32 scale, rounded once to ``dtype`` (kv_fp8.unpack)."""
+        return (raw.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale[:, None]).to(dtype)
+
+    @gluon.jit
+    def _store_fp8_half(dst, a, b, sa, sb):
+        dst.slice(0, 128, 1).store(_dequant(a, sa, dst.dtype))
+        dst.slice(128, 128, 1).store(_dequant(b, sb, dst.dtype))
+        fence_async_shared()  # generic-proxy stores, read by wgmma (async proxy)
+
+    # an FP8 entry's latent and scales: 512 + 16 bytes (d_v = 512, the only width sm90 serves)
+    _PREFETCH_FP8 = gl.constexpr("{ .reg .pred p; setp.ge.s32 p, $2, 0; "
+                                 "@p cp.async.bulk.prefetch.L2.global [$1], 528; mov.b32 $0, 0; }")
+
+    @gluon.jit
+    def _prefetch_rows(KV, slot, ROW_WIDTH):
+        """Pull each row ``slot`` (>= 0)'s FP8 latent and scales into L2 (one bulk prefetch a row:
+        no registers held, so the loads that follow wait on L2 instead of HBM)."""
+        row = KV + gl.where(slot >= 0, slot, 0).to(gl.int64) * ROW_WIDTH
+        gl.inline_asm_elementwise(_PREFETCH_FP8, "=r,l,r", [row, slot], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _producer_fp8(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi,
+                      scale_log2, q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready,
+                      k_free, xbar, slot_s, KV, ROW_WIDTH):
+        """The FP8 cache's producer: the same four half tiles in the same order as ``_producer``,
+        but each half's FP8 latent (16 KB) is loaded into registers before its buffer is free,
+        then scaled to bf16 and stored; the rope rows (bf16 in the entry) still go by cp.async. A
+        half's barrier completes on one arrival after the stores plus, for the right halves, one
+        cp.async arrival a thread."""
+        D_NOPE: gl.constexpr = k_nope_s.shape[2]
+        BLOCK_K: gl.constexpr = k_nope_s.shape[1]
+        HALF: gl.constexpr = D_NOPE // 2
+        D_ROPE: gl.constexpr = k_rope_s.shape[2]
+        ROPE_COL: gl.constexpr = (D_NOPE + 4 * (D_NOPE // 128)) // 2  # in bf16 units
+        gl.static_assert(D_NOPE == 512, "two 128-channel scale tiles a half; 528-byte prefetches")
+        # a thread loads 16 bytes of 4 rows in each 128-channel tile
+        ld8: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        KV16 = KV.to(gl.pointer_type(gl.bfloat16), bitcast=True)
+        k0 = k_nope_s.index(0)
+        k1 = k_nope_s.index(1)
+        rows0 = slot_s.slice(0, BLOCK_K)
+        rows1 = slot_s.slice(BLOCK_K, BLOCK_K)
+        rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
+        offs = k_lo + gl.arange(0, 2 * BLOCK_K, layout=one)
+        cur = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+        offs += 2 * BLOCK_K
+        nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+        for j in range(rounds):
+            phase = (j & 1) ^ 1  # the first wait on a free barrier passes
+            gl.thread_barrier()  # last round's rows are read
+            slot_s.store(cur)
+            gl.thread_barrier()
+            cur = nxt
+            _prefetch_rows(KV, cur, ROW_WIDTH)  # the next round's rows
+            offs += 2 * BLOCK_K
+            nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
+            a, b, sa, sb = _load_fp8_half(KV, rows0, 0, ROW_WIDTH, D_NOPE, ld8)
+            mbarrier.wait(k_free.index(0), phase)
+            _store_fp8_half(k0.slice(0, HALF, 1), a, b, sa, sb)
+            _signal(k_ready.index(0))
+            a, b, sa, sb = _load_fp8_half(KV, rows1, HALF, ROW_WIDTH, D_NOPE, ld8)
+            mbarrier.wait(k_free.index(3), phase)
+            _copy_rows(KV16, rows1, k_rope_s.index(1), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
+            async_copy.mbarrier_arrive(k_ready.index(3), increment_count=False)
+            _store_fp8_half(k1.slice(HALF, HALF, 1), a, b, sa, sb)
+            _signal(k_ready.index(3))
+            a, b, sa, sb = _load_fp8_half(KV, rows0, HALF, ROW_WIDTH, D_NOPE, ld8)
+            mbarrier.wait(k_free.index(1), phase)
+            _copy_rows(KV16, rows0, k_rope_s.index(0), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
+            async_copy.mbarrier_arrive(k_ready.index(1), increment_count=False)
+            _store_fp8_half(k0.slice(HALF, HALF, 1), a, b, sa, sb)
+            _signal(k_ready.index(1))
+            a, b, sa, sb = _load_fp8_half(KV, rows1, 0, ROW_WIDTH, D_NOPE, ld8)
+            mbarrier.wait(k_free.index(2), phase)
+            _store_fp8_half(k1.slice(0, HALF, 1), a, b, sa, sb)
+            _signal(k_ready.index(2))
+
+    @gluon.jit
     def _sparse_mla_fwd_sm90(
         Q, KV, SLOT, OUT, LSE,
         stride_qt, stride_qh, stride_os, stride_ot, stride_oh,
         stride_ls, stride_lt,
         H, K, k_per_split, scale_log2,
         D_NOPE: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
-        BLOCK_K: gl.constexpr, ROW_WIDTH: gl.constexpr,
+        BLOCK_K: gl.constexpr, ROW_WIDTH: gl.constexpr, KV_FP8: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64, "one warpgroup M of heads")
         gl.static_assert(BLOCK_K == D_ROPE, "P0 reuses the rope rows of a KV tile")
@@ -361,7 +463,10 @@ if _GLUON:
         k_free = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         xbar = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(4):
-            mbarrier.init(k_ready.index(i), count=128)  # one cp.async arrival a producer thread
+            if KV_FP8:  # one arrival after the stores; the right halves + one a thread (rope)
+                mbarrier.init(k_ready.index(i), count=1 + 128 * (i % 2))
+            else:
+                mbarrier.init(k_ready.index(i), count=128)  # one cp.async arrival a producer thread
             mbarrier.init(k_free.index(i), count=1)
         for i in gl.static_range(6):
             mbarrier.init(xbar.index(i), count=1)
@@ -394,11 +499,18 @@ if _GLUON:
         args = (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
                 q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
                 slot_s, KV, ROW_WIDTH)
-        gl.warp_specialize([
-            (_wg0, args),
-            (_wg1, args),
-            (_producer, args),
-        ], [4, 4], [WG_REGS, PRODUCER_REGS])
+        if KV_FP8:
+            gl.warp_specialize([
+                (_wg0, args),
+                (_wg1, args),
+                (_producer_fp8, args),
+            ], [4, 4], [FP8_WG_REGS, FP8_PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_wg0, args),
+                (_wg1, args),
+                (_producer, args),
+            ], [4, 4], [WG_REGS, PRODUCER_REGS])
 
 
 KERNEL_REGS = 168  # x 384 threads = the register file; the partitions' shares are set above
@@ -413,5 +525,5 @@ def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, s
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         h, k, k_per_split, scale_log2,
         D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
-        num_warps=4, maxnreg=KERNEL_REGS,
+        KV_FP8=kv.dtype == torch.uint8, num_warps=4, maxnreg=KERNEL_REGS,
     )
