@@ -184,8 +184,9 @@ def topk(rows, k=2048):
 def topk_short(rows, k=2048):
     """Rows of up to 32K keys: ``topk_resident`` (one program a row, the row in registers)
     against ``topk_multi``, CUDA graphs, N(0, 1) scores; outputs checked equal first."""
-    for n, length in ((64, 4096), (1024, 4096), (128, 8192), (1024, 8192), (64, 16384), (132, 16384),
-                      (1024, 16384), (64, 32768), (132, 32768), (1024, 32768)):
+    for n, length in ((64, 4096), (1024, 4096), (128, 8192), (1024, 8192), (1, 16384), (64, 16384),
+                      (132, 16384), (1024, 16384), (1, 32768), (8, 32768), (32, 32768), (64, 32768),
+                      (132, 32768), (1024, 32768)):
         s = torch.randn(n, length, device=DEV)
         lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
         gb = n * length * 4 / 1e6
@@ -201,7 +202,7 @@ def topk_short(rows, k=2048):
 
 
 def decode_indexer_short(rows, bw, h=64, d=128, topk=2048):
-    """The decode op at short contexts, CUDA graphs: the default (rows up to 8K, or 16K from 32
+    """The decode op at short contexts, CUDA graphs: the default (rows up to 8K, or 32K from 32
     rows, take the one-program-a-row select) against the multi-program select with its first
     pass in the logits kernel (the default before, forced by ``fused_first_pass=True``)."""
     for ctx in (4096, 8192, 16384, 32768):

@@ -47,6 +47,10 @@ try:  # Gluon ships with Triton >= 3.5; without it the portable Triton kernel is
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    # cp.async into shared memory: async_load from Triton 3.7 (the old name raises there)
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    # a CTA (here: partition) barrier: gl.barrier from Triton 3.7, gl.thread_barrier before
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _GLUON = True
 except ImportError:  # pragma: no cover - depends on the Triton build
     _GLUON = False
@@ -92,7 +96,7 @@ if _GLUON:
     @gluon.jit
     def _signal(bar):
         """Every thread of this warpgroup is past its prior work; one arrival releases it."""
-        gl.thread_barrier()
+        _barrier()
         mbarrier.arrive(bar, count=1)
 
     @gluon.jit
@@ -283,7 +287,7 @@ if _GLUON:
         ok = slot >= 0
         row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH + col0
         cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-        async_copy.async_copy_global_to_shared(dst, row[:, None] + cols[None, :], mask=ok[:, None],
+        _async_load(dst, row[:, None] + cols[None, :], mask=ok[:, None],
                                                eviction_policy="evict_last")
 
     @gluon.jit
@@ -312,9 +316,9 @@ if _GLUON:
         nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
         for j in range(rounds):
             phase = (j & 1) ^ 1  # the first wait on a free barrier passes
-            gl.thread_barrier()  # last round's rows are read
+            _barrier()  # last round's rows are read
             slot_s.store(cur)
-            gl.thread_barrier()
+            _barrier()
             cur = nxt
             offs += 2 * BLOCK_K
             nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
@@ -401,9 +405,9 @@ if _GLUON:
         nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
         for j in range(rounds):
             phase = (j & 1) ^ 1  # the first wait on a free barrier passes
-            gl.thread_barrier()  # last round's rows are read
+            _barrier()  # last round's rows are read
             slot_s.store(cur)
-            gl.thread_barrier()
+            _barrier()
             cur = nxt
             _prefetch_rows(KV, cur, ROW_WIDTH)  # the next round's rows
             offs += 2 * BLOCK_K
@@ -477,19 +481,19 @@ if _GLUON:
         h_n = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
         for c in gl.static_range(D_NOPE // 256):
             d_n = c * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, ld))
-            async_copy.async_copy_global_to_shared(q_nope_s.index(0).slice(c * 256, 256, 1),
+            _async_load(q_nope_s.index(0).slice(c * 256, 256, 1),
                                                    q_base + h_n[:, None] * stride_qh + d_n[None, :],
                                                    mask=(h_n < H)[:, None])
         ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
         h_r = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_r))
         d_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, ld_r))
-        async_copy.async_copy_global_to_shared(q_rope_s.index(0),
+        _async_load(q_rope_s.index(0),
                                                q_base + h_r[:, None] * stride_qh + D_NOPE + d_r[None, :],
                                                mask=(h_r < H)[:, None])
         async_copy.commit_group()
         async_copy.wait_group(0)
         fence_async_shared()
-        gl.thread_barrier()
+        _barrier()
 
         k_lo = split * k_per_split
         k_hi = gl.minimum(k_lo + k_per_split, K)

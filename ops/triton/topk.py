@@ -557,10 +557,13 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
 
 def resident_fits(n_rows: int, length: int) -> bool:
     """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
-    keys: up to 8192 keys at any row count, up to 16384 from 32 rows (H200, CUDA graphs, against
-    ``topk_multi``: 1.15-2.3x there; 1 x 16K and 64 x 32K no faster, 1024 x 32K 1.19x slower,
-    BENCHMARKS.md session 12)."""
-    return length <= 8192 or (length <= 16384 and n_rows >= 32)
+    keys: up to 8192 keys at any row count, up to 16384 from 32 rows, up to 32768 from 64 rows
+    (H200, CUDA graphs, against ``topk_multi``: 1.15-2.3x up to 16K (session 12); with the 2-D
+    Gluon kernel, 1.24x at 64 x 32K, 1.68x at 132 x 32K, 1.10x at 1024 x 32K, 1.26x at
+    1024 x 16K (session 13); 1 x 16K no faster, and 32 x 32K 1.02x slower alone and 1.16x slower
+    in the decode indexer step than the fused multi-program select, BENCHMARKS.md)."""
+    return (length <= 8192 or (length <= 16384 and n_rows >= 32)
+            or (length <= RESIDENT_MAX and n_rows >= 64))
 
 
 def resident_warps(n_rows: int, block: int) -> int:

@@ -19,7 +19,9 @@ bunched rows 209.6 -> 194.2 us, 1024 x 32K N(0, 1) 158.7 -> 143.6, 64 x 32K 21.3
 The one-program-a-row select gives each thread contiguous keys, so its rank scan runs along a
 thread, then the lanes, then the warps: 2392 instructions a thread at 32K keys on 32 warps
 against the Triton kernel's 4120 (and 155 spill stores there); H200, 132 x 16K 29.8 -> 28.4
-us, 1024 x 32K 483 -> 377 (BENCHMARKS.md session 12).
+us, 1024 x 32K 483 -> 377 (BENCHMARKS.md session 12). Up to 32 keys a thread, a 2-D form keeps
+the keys' low bits packed in one register a thread instead of reloading the row for them: 2088
+instructions at 32K on 32 warps; 64 x 32K 46.8 -> 38.6 us, 1024 x 32K 376 -> 287 (session 13).
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernels;
 both forms write the same histograms, counts, lists and candidate sets (the candidates' order in their buffer
@@ -203,9 +205,81 @@ if _GLUON:
                      mask=(pad >= kk) & (pad < k))
 
 
+    @gluon.jit
+    def _resident2d_kernel_gl(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k,
+                              BLOCK: gl.constexpr, KPAD: gl.constexpr, WITH_VALS: gl.constexpr,
+                              WARPS: gl.constexpr):
+        """``_resident_kernel_gl`` without its reload of the row, for at most 32 keys a thread:
+        the keys sit in a [threads, E] tensor whose rows are threads, and their low bits are
+        packed into one register a thread (bit c of the word: key c's bit 0), so the bit-0 step
+        and the write rebuild the full keys from registers. The rank scan runs along axis 1 in
+        the thread, then over the threads' totals. The scores (WITH_VALS) are re-read for the
+        selected keys only."""
+        E: gl.constexpr = BLOCK // (32 * WARPS)
+        T: gl.constexpr = 32 * WARPS
+        gl.static_assert(E <= 32, "the low bits of a thread's keys fill one 32-bit word")
+        l2: gl.constexpr = gl.BlockedLayout([1, E], [32, 1], [WARPS, 1], [1, 0])
+        pad_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        tid = gl.arange(0, T, layout=gl.SliceLayout(1, l2))
+        col = gl.expand_dims(gl.arange(0, E, layout=gl.SliceLayout(0, l2)), 0)
+        offs = gl.expand_dims(tid, 1) * E + col
+        r = gl.program_id(0)
+        row_len = gl.minimum(gl.load(LEN + r), n_cols)
+        kk = gl.minimum(k, row_len)
+        inb = offs < row_len
+        row = S + r.to(gl.int64) * stride_s
+        x = gl.load(row + offs, mask=offs < n_cols, other=float("-inf"))
+        key = gl.where(inb, _sortable_gl(x), 0)
+        hi = (key >> 1).to(gl.int32)
+        low = gl.sum(((key & 1) << col.to(gl.uint32)).to(gl.int32), 1)  # disjoint bits: a sum is an or
+        t_hi = r * 0
+        for i in range(31):
+            cand = t_hi | (1 << (30 - i))
+            sign = gl.inline_asm_elementwise(
+                "{ .reg .s32 d; sub.s32 d, $1, $2; shr.u32 $0, d, 31; }", "=r,r,r",
+                [hi, gl.full([T, E], 0, gl.int32, l2) + cand], dtype=gl.int32, is_pure=True, pack=1)
+            t_hi = gl.where(BLOCK - gl.sum(gl.sum(sign, 1), 0) >= kk, cand, t_hi)
+        key = (hi.to(gl.uint32, bitcast=True) << 1) | ((gl.expand_dims(low, 1) >> col) & 1).to(gl.uint32)
+        lo = t_hi.to(gl.uint32, bitcast=True) << 1
+        both = gl.sum(gl.sum((key >= (lo | 1)).to(gl.int32) + ((key > (lo | 1)).to(gl.int32) << 16), 1), 0)
+        up = (both & 0xFFFF) >= kk
+        thresh = gl.where(up, lo | 1, lo)
+        n_gt = gl.where(up, (both >> 16) & 0xFFFF, both & 0xFFFF)
+        gt = key > thresh
+        eq = (key == thresh) & inb
+        v = gt.to(gl.int32) + (eq.to(gl.int32) << 16)
+        tot = gl.convert_layout(gl.sum(v, 1), pad_layout)  # one value a thread in both layouts
+        before = gl.convert_layout(gl.associative_scan(tot, 0, _add) - tot, gl.SliceLayout(1, l2))
+        rank = gl.associative_scan(v, 1, _add) + gl.expand_dims(before, 1)
+        r_eq = (rank >> 16) & 0xFFFF
+        take = eq & (r_eq <= kk - n_gt)
+        at = gl.where(gt, (rank & 0xFFFF) - 1, n_gt + r_eq - 1)
+        out = OUT + r.to(gl.int64) * stride_o
+        # a -inf score's key is 0x007FFFFF (_sortable_gl): such picks are written as -1
+        gl.store(out + at, gl.where(key == 0x007FFFFF, -1, offs), mask=gt | take)
+        pad = gl.arange(0, KPAD, layout=pad_layout)
+        gl.store(out + pad, gl.full([KPAD], -1, gl.int32, pad_layout), mask=(pad >= kk) & (pad < k))
+        if WITH_VALS:
+            vals = VALS + r.to(gl.int64) * stride_o
+            sel = gt | take
+            gl.store(vals + at, gl.load(row + offs, mask=sel, other=0.0), mask=sel)
+            gl.store(vals + pad, gl.full([KPAD], float("-inf"), gl.float32, pad_layout),
+                     mask=(pad >= kk) & (pad < k))
+
+
+# keys a thread up to which the one-program-a-row select keeps them all in registers (the 2-D
+# kernel; H200, CUDA graphs, against the 1-D kernel with its reload: 64 x 32K 46.8 -> 38.6 us,
+# 1024 x 32K 376 -> 287, 1024 x 16K 168 -> 153; 1024 x 8K on 4 warps, 64 keys a thread, stays
+# on the 1-D kernel, which was 98 us there against 107-110 for the 2-D one at 8-32 warps)
+RESIDENT_2D_MAX_PER_THREAD = 32
+
+
 def resident(scores, lengths, out, vals, k, block, values, warps):
-    """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments."""
-    _resident_kernel_gl[(scores.shape[0],)](
+    """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments: the
+    2-D kernel (no reload) up to ``RESIDENT_2D_MAX_PER_THREAD`` keys a thread, else the 1-D."""
+    kernel = (_resident2d_kernel_gl if block // (32 * warps) <= RESIDENT_2D_MAX_PER_THREAD
+              else _resident_kernel_gl)
+    kernel[(scores.shape[0],)](
         scores, lengths, out, vals, scores.stride(0), out.stride(0), scores.shape[1], k,
         BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values, WARPS=warps,
         num_warps=warps)
