@@ -338,29 +338,24 @@ if _GLUON:
             async_copy.mbarrier_arrive(k_ready.index(2), increment_count=False)
 
     @gluon.jit
-    def _load_fp8_half(KV, rows_s, col0: gl.constexpr, ROW_WIDTH, D_NOPE: gl.constexpr,
-                       layout: gl.constexpr):
-        """The FP8 latent columns [col0, col0 + 256) of a tile's rows, as two 128-channel scale
-        tiles, and the two tiles' scales (0 for a -1 slot), into registers."""
+    def _load_fp8_chunk(KV, rows_s, col0: gl.constexpr, ROW_WIDTH, D_NOPE: gl.constexpr,
+                        layout: gl.constexpr):
+        """The FP8 latent columns [col0, col0 + 128) of a tile's rows (one scale tile) and their
+        float32 scale (0 for a -1 slot), into registers."""
         slot = rows_s.load(gl.SliceLayout(1, layout))
         ok = slot >= 0
         row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
-        a = gl.load(row[:, None] + (col0 + cols)[None, :], mask=ok[:, None], other=0)
-        b = gl.load(row[:, None] + (col0 + 128 + cols)[None, :], mask=ok[:, None], other=0)
+        raw = gl.load(row[:, None] + (col0 + cols)[None, :], mask=ok[:, None], other=0)
         scale = (row + D_NOPE + 4 * (col0 // 128)).to(gl.pointer_type(gl.float32), bitcast=True)
-        return a, b, gl.load(scale, mask=ok, other=0.0), gl.load(scale + 1, mask=ok, other=0.0)
+        return raw, gl.load(scale, mask=ok, other=0.0)
 
     @gluon.jit
-    def _dequant(raw, scale, dtype: gl.constexpr):
-        """FP8 bytes x their tile's float32 scale, rounded once to ``dtype`` (kv_fp8.unpack)."""
-        return (raw.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale[:, None]).to(dtype)
-
-    @gluon.jit
-    def _store_fp8_half(dst, a, b, sa, sb):
-        dst.slice(0, 128, 1).store(_dequant(a, sa, dst.dtype))
-        dst.slice(128, 128, 1).store(_dequant(b, sb, dst.dtype))
-        fence_async_shared()  # generic-proxy stores, read by wgmma (async proxy)
+    def _store_fp8_chunk(dst, raw, scale):
+        """FP8 bytes x their tile's float32 scale, rounded once to ``dst``'s dtype
+        (kv_fp8.unpack), into shared memory (generic-proxy stores: fence before wgmma reads)."""
+        dst.store((raw.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale[:, None])
+                  .to(dst.dtype))
 
     # an FP8 entry's latent and scales: 512 + 16 bytes (d_v = 512, the only width sm90 serves)
     _PREFETCH_FP8 = gl.constexpr("{ .reg .pred p; setp.ge.s32 p, $2, 0; "
@@ -379,10 +374,12 @@ if _GLUON:
                       scale_log2, q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready,
                       k_free, xbar, slot_s, KV, ROW_WIDTH):
         """The FP8 cache's producer: the same four half tiles in the same order as ``_producer``,
-        but each half's FP8 latent (16 KB) is loaded into registers before its buffer is free,
-        then scaled to bf16 and stored; the rope rows (bf16 in the entry) still go by cp.async. A
-        half's barrier completes on one arrival after the stores plus, for the right halves, one
-        cp.async arrival a thread."""
+        but the FP8 latent goes through registers, in 128-channel chunks (8 KB, one scale tile),
+        two in flight: a chunk is scaled to bf16 and stored once its buffer is free, and the next
+        chunk's load is issued behind each store (1.05x over loading a whole half, then storing
+        it: H200, B=64 / 128, BENCHMARKS.md session 13). The rope rows (bf16 in the entry) still
+        go by cp.async. A half's barrier completes on one arrival after the stores plus, for the
+        right halves, one cp.async arrival a thread."""
         D_NOPE: gl.constexpr = k_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
         HALF: gl.constexpr = D_NOPE // 2
@@ -412,25 +409,39 @@ if _GLUON:
             _prefetch_rows(KV, cur, ROW_WIDTH)  # the next round's rows
             offs += 2 * BLOCK_K
             nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
-            a, b, sa, sb = _load_fp8_half(KV, rows0, 0, ROW_WIDTH, D_NOPE, ld8)
+            # 128-channel chunks, two in flight: each chunk's store is followed by the next
+            # chunk's load, so loads stay in flight across the half tiles' barriers
+            a, sa = _load_fp8_chunk(KV, rows0, 0, ROW_WIDTH, D_NOPE, ld8)
+            b, sb = _load_fp8_chunk(KV, rows0, 128, ROW_WIDTH, D_NOPE, ld8)
             mbarrier.wait(k_free.index(0), phase)
-            _store_fp8_half(k0.slice(0, HALF, 1), a, b, sa, sb)
+            _store_fp8_chunk(k0.slice(0, 128, 1), a, sa)
+            a, sa = _load_fp8_chunk(KV, rows1, HALF, ROW_WIDTH, D_NOPE, ld8)
+            _store_fp8_chunk(k0.slice(128, 128, 1), b, sb)
+            b, sb = _load_fp8_chunk(KV, rows1, HALF + 128, ROW_WIDTH, D_NOPE, ld8)
+            fence_async_shared()
             _signal(k_ready.index(0))
-            a, b, sa, sb = _load_fp8_half(KV, rows1, HALF, ROW_WIDTH, D_NOPE, ld8)
             mbarrier.wait(k_free.index(3), phase)
             _copy_rows(KV16, rows1, k_rope_s.index(1), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
             async_copy.mbarrier_arrive(k_ready.index(3), increment_count=False)
-            _store_fp8_half(k1.slice(HALF, HALF, 1), a, b, sa, sb)
+            _store_fp8_chunk(k1.slice(HALF, 128, 1), a, sa)
+            a, sa = _load_fp8_chunk(KV, rows0, HALF, ROW_WIDTH, D_NOPE, ld8)
+            _store_fp8_chunk(k1.slice(HALF + 128, 128, 1), b, sb)
+            b, sb = _load_fp8_chunk(KV, rows0, HALF + 128, ROW_WIDTH, D_NOPE, ld8)
+            fence_async_shared()
             _signal(k_ready.index(3))
-            a, b, sa, sb = _load_fp8_half(KV, rows0, HALF, ROW_WIDTH, D_NOPE, ld8)
             mbarrier.wait(k_free.index(1), phase)
             _copy_rows(KV16, rows0, k_rope_s.index(0), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
             async_copy.mbarrier_arrive(k_ready.index(1), increment_count=False)
-            _store_fp8_half(k0.slice(HALF, HALF, 1), a, b, sa, sb)
+            _store_fp8_chunk(k0.slice(HALF, 128, 1), a, sa)
+            a, sa = _load_fp8_chunk(KV, rows1, 0, ROW_WIDTH, D_NOPE, ld8)
+            _store_fp8_chunk(k0.slice(HALF + 128, 128, 1), b, sb)
+            b, sb = _load_fp8_chunk(KV, rows1, 128, ROW_WIDTH, D_NOPE, ld8)
+            fence_async_shared()
             _signal(k_ready.index(1))
-            a, b, sa, sb = _load_fp8_half(KV, rows1, 0, ROW_WIDTH, D_NOPE, ld8)
             mbarrier.wait(k_free.index(2), phase)
-            _store_fp8_half(k1.slice(0, HALF, 1), a, b, sa, sb)
+            _store_fp8_chunk(k1.slice(0, 128, 1), a, sa)
+            _store_fp8_chunk(k1.slice(128, 128, 1), b, sb)
+            fence_async_shared()
             _signal(k_ready.index(2))
 
     @gluon.jit
