@@ -10,13 +10,16 @@ lengths) into a ``Step``: the small context object every layer reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import kv_fp8 as kv_fp8_format
 from .quant import FP8_DTYPE
+
+if TYPE_CHECKING:  # the cache stands below the seam: it is handed the model's Ops
+    from .ops import Ops
 
 
 class CacheError(ValueError):
@@ -164,13 +167,11 @@ class PagedCache:
         return host.pin_memory() if self._pinned else host
 
     # ---------------------------------------------------------------------------- writes
-    def store_kv(self, layer: int, step: Step, kv: Tensor) -> None:
-        """Write this step's MLA entries (kv [T, latent + rope]) into their slots."""
-        c = self.layers[layer].kv
-        if self.kv_fp8:
-            d_v, ue8m0 = self.kv_fp8
-            kv = kv_fp8_format.pack(kv[..., :d_v], kv[..., d_v:], ue8m0)
-        c.view(-1, c.shape[-1]).index_copy_(0, step.slot_mapping, kv.to(c.dtype))
+    def store_kv(self, layer: int, step: Step, latent: Tensor, rope: Tensor, ops: Ops) -> None:
+        """Write this step's MLA entries (latent [T, d_v], rope key [T, d_rope]) into their
+        slots, in the cache's format, through ``ops`` (``dsa.store_kv``)."""
+        ue8m0 = bool(self.kv_fp8 and self.kv_fp8[1])
+        ops.store_kv(self.layers[layer].kv, step.slot_mapping, latent, rope, ue8m0)
 
     def store_index(self, layer: int, step: Step, key: Tensor, scale: Optional[Tensor]) -> None:
         """Write this step's indexer keys ([T, D], FP8 with scale [T], or float) into their slots."""

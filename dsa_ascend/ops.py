@@ -38,6 +38,7 @@ OP_NAMES = (
     "indexer_topk",
     "sparse_mla_prefill",
     "sparse_mla_decode",
+    "store_kv",
 )
 
 
@@ -152,22 +153,29 @@ def _check_indexer(q: Tensor, weights: Tensor, k_cache: Tensor, k_scale: Optiona
     _check_paged("indexer_topk", block_table, cu_seqlens_q, seqlens_k)
 
 
-def _check_sparse_mla(name: str, q: Tensor, kv_cache: Tensor, indices: Tensor, d_v: int) -> None:
-    d = q.shape[-1]
-    _check(0 < d_v <= d, f"{name}: d_v={d_v} must lie in (0, {d}]")
-    if kv_cache.dtype == torch.uint8:  # the FP8 latent cache (dsa_ascend.kv_fp8)
+def _check_kv_cache(name: str, kv_cache: Tensor, d_v: int, d_rope: int) -> None:
+    """An MLA cache of d_v latent + d_rope rope channels: float [blocks, block_size, d_v +
+    d_rope], or uint8 entries in the FP8 format of ``dsa_ascend.kv_fp8``."""
+    if kv_cache.dtype == torch.uint8:
         try:
-            width = kv_fp8.entry_bytes(d_v, d - d_v)
+            width = kv_fp8.entry_bytes(d_v, d_rope)
         except ValueError as e:
             raise ValueError(f"{name}: kv_cache: {e}") from None
         _check(kv_cache.dim() == 3 and kv_cache.shape[2] == width,
-               f"{name}: an FP8 (uint8) kv_cache must be [blocks, block_size, {width}], got "
-               f"{tuple(kv_cache.shape)}")
+               f"{name}: an FP8 (uint8) kv_cache must be [blocks, block_size, {width}] (d_v={d_v}, "
+               f"d_rope={d_rope}), got {tuple(kv_cache.shape)}")
     else:
-        _check(kv_cache.dim() == 3 and kv_cache.shape[2] == d,
-               f"{name}: kv_cache must be [blocks, block_size, {d}], got {tuple(kv_cache.shape)}")
+        _check(kv_cache.dim() == 3 and kv_cache.shape[2] == d_v + d_rope,
+               f"{name}: kv_cache must be [blocks, block_size, {d_v + d_rope}], got "
+               f"{tuple(kv_cache.shape)}")
         _check(kv_cache.is_floating_point() and kv_cache.dtype != FP8_DTYPE,
                f"{name}: kv_cache must be float (or the uint8 FP8 format), got {kv_cache.dtype}")
+
+
+def _check_sparse_mla(name: str, q: Tensor, kv_cache: Tensor, indices: Tensor, d_v: int) -> None:
+    d = q.shape[-1]
+    _check(0 < d_v <= d, f"{name}: d_v={d_v} must lie in (0, {d}]")
+    _check_kv_cache(name, kv_cache, d_v, d - d_v)
     _check(indices.dtype == torch.int32 and indices.shape[:-1] == q.shape[:-2],
            f"{name}: indices must be int32 {tuple(q.shape[:-2])} + [K], got {indices.dtype} "
            f"{tuple(indices.shape)}")
@@ -353,6 +361,37 @@ def _(q, kv_cache, indices, block_table, seqlens_k, scale, d_v, backend):
     return q.new_empty((*q.shape[:-1], d_v)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+def _check_store_kv(kv_cache: Tensor, slot_mapping: Tensor, latent: Tensor, rope: Tensor) -> None:
+    _check(latent.dim() == 2 and rope.dim() == 2 and latent.shape[0] == rope.shape[0],
+           f"store_kv: latent and rope must be [T, d_v] and [T, d_rope], got "
+           f"{tuple(latent.shape)} and {tuple(rope.shape)}")
+    for name, x in (("latent", latent), ("rope", rope)):
+        _check(x.is_floating_point() and x.dtype != FP8_DTYPE,
+               f"store_kv: {name} must be a float tensor, got {x.dtype}")
+    t, d_v, d_rope = latent.shape[0], latent.shape[1], rope.shape[1]
+    _check(slot_mapping.dtype == torch.int64 and tuple(slot_mapping.shape) == (t,),
+           f"store_kv: slot_mapping must be int64 [{t}], got {slot_mapping.dtype} "
+           f"{tuple(slot_mapping.shape)}")
+    _check_kv_cache("store_kv", kv_cache, d_v, d_rope)
+    _check(kv_cache.is_contiguous(), "store_kv: kv_cache must be contiguous")
+
+
+@custom_op("dsa::store_kv", mutates_args=("kv_cache",))
+def store_kv(kv_cache: Tensor, slot_mapping: Tensor, latent: Tensor, rope: Tensor, ue8m0: bool,
+             backend: str) -> None:
+    """Write T new MLA cache entries in place: entry slot_mapping[t] (a row of the flattened
+    [blocks * block_size] cache) becomes (latent[t], rope[t]): in the cache's float dtype, or
+    for the uint8 FP8 cache packed as ``dsa_ascend.kv_fp8.pack(latent, rope, ue8m0)``. Slots
+    must be distinct and in range; the other entries are left as they are."""
+    _check_store_kv(kv_cache, slot_mapping, latent, rope)
+    _impl(backend, "store_kv")(kv_cache, slot_mapping, latent, rope, ue8m0)
+
+
+@store_kv.register_fake
+def _(kv_cache, slot_mapping, latent, rope, ue8m0, backend):
+    _check_store_kv(kv_cache, slot_mapping, latent, rope)
+
+
 class Ops:
     """The ``dsa`` ops bound to one backend: the only handle model code holds."""
 
@@ -403,3 +442,7 @@ class Ops:
                           d_v: int) -> tuple[Tensor, Tensor]:
         return torch.ops.dsa.sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k,
                                                scale, d_v, self.backend)
+
+    def store_kv(self, kv_cache: Tensor, slot_mapping: Tensor, latent: Tensor, rope: Tensor,
+                 ue8m0: bool = False) -> None:
+        torch.ops.dsa.store_kv(kv_cache, slot_mapping, latent, rope, ue8m0, self.backend)

@@ -43,8 +43,9 @@ def test_ops_trace_under_torch_compile(backend, device):
     """Fake kernels let dynamo/AOT trace a whole decode-attention step without graph breaks."""
     ops = Ops(backend)
 
-    def step(q, kv, idx, table, lens, x):
+    def step(q, kv, idx, table, lens, x, new, slots):
         xq, xs = ops.quantize_fp8(ops.hadamard_rotate(x), 128, True)
+        ops.store_kv(kv, slots, new[:, :512], new[:, 512:], False)  # mutates kv, read below
         out, lse = ops.sparse_mla_decode(q, kv, idx, table, lens, 0.1, 512)
         return out.float().sum() + lse.sum() + xs.sum() + xq.float().sum()
 
@@ -52,7 +53,8 @@ def test_ops_trace_under_torch_compile(backend, device):
     args = (torch.randn(2, 1, 4, 576, generator=g), torch.randn(4, 16, 576, generator=g),
             torch.randint(0, 20, (2, 1, 8), generator=g).int(),
             torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([20, 30], dtype=torch.int32),
-            torch.randn(3, 128, generator=g))
+            torch.randn(3, 128, generator=g), torch.randn(2, 576, generator=g),
+            torch.tensor([19, 61]))  # the last positions of both sequences
     args = tuple(a.to(device) for a in args)
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(*args), step(*args))

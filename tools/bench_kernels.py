@@ -388,12 +388,37 @@ def kernel_profile(rows, fn, label, reps=10):
             rows.append(dict(name=f"    kernel {e.key[:64]} ({label})", ms=us / reps / 1e3))
 
 
+def kv_store(rows, bw):
+    """The MLA cache write (``dsa.store_kv``) at a decode batch and a prefill chunk, FP8 and bf16
+    caches: the kernel against the reference's torch form (pack + index_copy_), eager and as a
+    graph, after an equality check; GB/s = bytes read + written."""
+    from dsa_ascend.backends import reference as ref_backend
+    for t in (64, 4096):
+        latent = torch.randn(t, 512, device=DEV, dtype=torch.bfloat16)
+        rope_k = torch.randn(t, 64, device=DEV, dtype=torch.bfloat16)
+        slots = torch.randperm(16384 * 64, device=DEV)[:t]
+        for label, cache in (("FP8", torch.zeros(16384, 64, 656, dtype=torch.uint8, device=DEV)),
+                             ("bf16", torch.zeros(16384, 64, 576, dtype=torch.bfloat16, device=DEV))):
+            want = cache.clone()
+            ref_backend.store_kv(want, slots, latent, rope_k, True)
+            K.kv_store.store_kv(cache, slots, latent, rope_k, True)
+            assert torch.equal(cache, want), label
+            nbytes = t * (576 * 2 + cache.shape[-1] * cache.element_size() + 8)
+            for name, fn in (("torch (reference)", lambda: ref_backend.store_kv(cache, slots, latent, rope_k, True)),
+                             ("kernel", lambda: K.kv_store.store_kv(cache, slots, latent, rope_k, True))):
+                for mode, f in (("eager", fn), ("CUDA graph", graph_replay(fn))):
+                    ms = bench(f)
+                    rows.append(dict(name=f"store_kv {label} cache T={t}: {name}, {mode}", ms=ms,
+                                     gbps=nbytes / ms / 1e6))
+            del cache, want
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
                     help="comma list: prefill,indexer,topk,topk_short,decode,decode_sweep,idx128k,"
-                         "idxshort,idxsel,rope")
+                         "idxshort,idxsel,rope,kvstore")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -408,7 +433,8 @@ def main():
              ("idx128k", lambda: decode_indexer_128k(rows, bw)),
              ("idxshort", lambda: decode_indexer_short(rows, bw)),
              ("idxsel", lambda: indexer_select(rows, bw)),
-             ("rope", lambda: rope(rows, bw))]
+             ("rope", lambda: rope(rows, bw)),
+             ("kvstore", lambda: kv_store(rows, bw))]
     run_steps(rows, steps, only)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d"))

@@ -125,6 +125,15 @@ def presets() -> dict:
                                        dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64,
                                             ROW_WIDTH=656, KV_FP8=True), 4, 1, mla_div,
                                        maxnreg=K.sparse_mla_sm90.KERNEL_REGS),
+        # the MLA cache write (512 latent + 64 rope): into 656-byte FP8 entries, into bf16 rows
+        **{f"kv_store_{name}": _preset(
+            K.kv_store._store_kv_kernel,
+            dict(LAT="*bf16", ROPE="*bf16", SLOT="*i64", stride_lt="i32", stride_rt="i32",
+                 width="i32", **views),
+            dict(D_V=512, D_ROPE=64, TILES_P2=4, ROPE_P2=64, FP8=name == "fp8",
+                 UE8M0=name == "fp8"), 4, divisible=("stride_lt", "stride_rt", "width"))
+           for name, views in (("fp8", dict(C8="*u8", C32="*fp32", C16="*i16")),
+                               ("bf16", dict(C8="*bf16", C32="*bf16", C16="*bf16")))},
         # MLA's q_pe: [T, 128, 64] of 192 channels, interleaved pairs
         "rope_q_pe": _preset(rp._rope_kernel,
                              dict(X="*bf16", COS="*fp32", SIN="*fp32", Y="*bf16",

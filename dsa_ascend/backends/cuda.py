@@ -1,7 +1,8 @@
 """The ``cuda`` backend: Triton kernels from ``ops/triton`` (installed as
 ``dsa_ascend.ops_triton``) for the indexer + top-k, sparse MLA prefill/decode, RoPE, the Hadamard
-rotation and FP8 block quantization (the last three bit-identical to the reference's); the remaining ops (FP8
-and int8 linears, int8 quantization) run the reference backend's torch code on the GPU.
+rotation, FP8 block quantization and the MLA cache write (the last four bit-identical to the
+reference's); the remaining ops (FP8 and int8 linears, int8 quantization) run the reference
+backend's torch code on the GPU.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
                                   seqlens_k, topk, max_seqlen_k)
 
 
+def store_kv(kv_cache, slot_mapping, latent, rope, ue8m0):
+    if kv_cache.is_cuda and kernels().kv_store.supports(kv_cache, latent, rope):
+        return kernels().kv_store.store_kv(kv_cache, slot_mapping, latent, rope, ue8m0)
+    return reference.store_kv(kv_cache, slot_mapping, latent, rope, ue8m0)
+
+
 def sparse_mla_prefill(q, kv_cache, indices, block_table, cu_seqlens_q, seqlens_k, scale, d_v):
     rows = paging.token_rows(cu_seqlens_q, q.shape[0]).to(torch.int32)  # no host sync
     return kernels().sparse_mla_fwd(q, kv_cache, indices, block_table, rows, scale, d_v)
@@ -105,4 +112,5 @@ IMPLS = {
     "indexer_topk": indexer_topk,
     "sparse_mla_prefill": sparse_mla_prefill,
     "sparse_mla_decode": sparse_mla_decode,
+    "store_kv": store_kv,
 }

@@ -178,6 +178,15 @@ def sparse_mla_decode(q, kv_cache, indices, block_table, seqlens_k, scale, d_v):
     return out.view(b, sq, h, d_v), lse.view(b, sq, h)
 
 
+def store_kv(kv_cache: Tensor, slot_mapping: Tensor, latent: Tensor, rope: Tensor,
+             ue8m0: bool) -> None:
+    if kv_cache.dtype == torch.uint8:
+        entries = kv_fp8.pack(latent, rope, ue8m0)
+    else:
+        entries = torch.cat([latent, rope], dim=-1).to(kv_cache.dtype)
+    kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slot_mapping, entries)
+
+
 IMPLS = {
     "rope": rope,
     "hadamard_rotate": hadamard_rotate,
@@ -188,6 +197,7 @@ IMPLS = {
     "indexer_topk": indexer_topk,
     "sparse_mla_prefill": sparse_mla_prefill,
     "sparse_mla_decode": sparse_mla_decode,
+    "store_kv": store_kv,
 }
 
 __all__ = ["IMPLS", "select_topk", "FP8_DTYPE"]

@@ -66,7 +66,7 @@ class MLA(nn.Module):
             # cache it deploys; the rope part stays unquantized.
             q8, s8 = ops.quantize_fp8(latent, 128, self.ctx.config.ue8m0)
             latent = dequantize_fp8_blocks(q8, s8).to(latent.dtype)
-        cache.store_kv(self.layer_id, step, torch.cat([latent, k_pe], dim=-1))
+        cache.store_kv(self.layer_id, step, latent, k_pe, ops)
 
         indices = self.indexer(x, qr, step, cache, cos, sin)
         kv_cache = cache.layers[self.layer_id].kv

@@ -34,15 +34,10 @@ def _hadamard_kernel(X, Y, n_rows, scale, N: tl.constexpr, LOG2N: tl.constexpr,
 
 
 @triton.jit
-def _quantize_fp8_kernel(X, Q, S, n_blocks, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         UE8M0: tl.constexpr):
-    """Per block of BLOCK values: scale = max(amax, 1e-4) / 448 (ue8m0: rounded up to a power
-    of two from the float bits), q = clamp(x / scale, +-448) rounded to e4m3 (nearest even)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK)
-    offs = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
-    rmask = rows < n_blocks
-    x = tl.load(X + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+def block_quant(x, UE8M0: tl.constexpr):
+    """float32 x [R, BLOCK] -> (q float32 [R, BLOCK], scale [R]): scale = max(amax, 1e-4) / 448
+    (ue8m0: rounded up to a power of two from the float bits), q = clamp(x / scale, +-448),
+    still to be rounded to e4m3; the reference's operations in its order."""
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-4)
     scale = amax * (1.0 / FP8_MAX)
     if UE8M0:
@@ -50,7 +45,19 @@ def _quantize_fp8_kernel(X, Q, S, n_blocks, BLOCK: tl.constexpr, BLOCK_R: tl.con
         exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         scale = (exp << 23).to(tl.float32, bitcast=True)
     q = tl.math.div_rn(x, scale[:, None])  # IEEE division, as torch's
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    return tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX), scale
+
+
+@triton.jit
+def _quantize_fp8_kernel(X, Q, S, n_blocks, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         UE8M0: tl.constexpr):
+    """Per block of BLOCK values: ``block_quant``, q rounded to e4m3 (nearest even)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK)
+    offs = rows.to(tl.int64)[:, None] * BLOCK + cols[None, :]
+    rmask = rows < n_blocks
+    x = tl.load(X + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+    q, scale = block_quant(x, UE8M0)
     tl.store(Q + offs, q.to(tl.float8e4nv), mask=rmask[:, None])
     tl.store(S + rows, scale, mask=rmask)
 

@@ -1,6 +1,7 @@
 """Sparse MLA forward for Hopper (sm90) in Gluon, warp-specialized: the contract of
-``sparse_mla._sparse_mla_fwd_kernel`` (bf16/fp16 latent cache, 64 heads a CTA) on FlashMLA's
-sparse-prefill schedule, written from its published design (csrc/sm90/prefill/sparse).
+``sparse_mla._sparse_mla_fwd_kernel`` (bf16/fp16 latent cache or the FP8 one, 64 heads a CTA)
+on FlashMLA's sparse-prefill schedule, written from its published design
+(csrc/sm90/prefill/sparse).
 
 A CTA takes 64 heads of one token and walks its selected entries two 64-entry tiles (K0, K1) at
 a time, with three warpgroups:
@@ -27,6 +28,12 @@ is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two
 take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
 the rows are shared by the CTAs of many tokens).
 Tried: an L2 prefetch of the next round's rows (decode 0.132 against 0.109 ms, prefill 3% slower).
+
+The FP8 latent cache (dsa_ascend/kv_fp8.py; bf16 q) takes its own producer, ``_producer_fp8``:
+the FP8 bytes pass through registers and are dequantized into the same bf16 tiles, so the
+consumers are unchanged; there the L2 prefetch pays (1.03x). H200, B=64 / 128 at 32K: 0.132 /
+0.248 ms against 0.201 / 0.387 for the Triton kernel; the producer binds (BENCHMARKS.md
+session 13).
 
 Gluon has no interpreter: on a CPU the Triton kernel runs; ``available()`` says whether this one can.
 """
@@ -75,7 +82,8 @@ if _GLUON:
     # and was 8% slower in prefill; FlashMLA uses 216 / 72)
     WG_REGS = gl.constexpr(232)
     PRODUCER_REGS = gl.constexpr(40)
-    # the FP8 cache's producer holds a half tile's FP8 latent (16 KB a warpgroup) in registers
+    # the FP8 cache's producer holds two 128-channel chunks of FP8 latent (16 KB a warpgroup)
+    # in registers
     FP8_WG_REGS = gl.constexpr(224)
     FP8_PRODUCER_REGS = gl.constexpr(64)
 

@@ -47,6 +47,49 @@ def test_bad_widths_are_named():
                                torch.tensor([2], dtype=torch.int32), 0.1, 512)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-ue8m0", "float"])
+def test_store_kv_writes_entries_in_the_cache_format(backend, device, fmt):
+    """``dsa.store_kv`` on every backend: the written rows are bit for bit ``kv_fp8.pack`` of
+    (latent, rope) (or the float cast), from strided inputs; every other row is untouched."""
+    g = seeded(31)
+    blocks, bs, t = 5, 16, 29
+    wide = torch.randn(t, 700, generator=g) * torch.exp(2 * torch.randn(t, 1, generator=g))
+    wide[0, :128] *= 1e-7  # an all-tiny tile: the 1e-4 amax clamp
+    wide[1, 300] = 3.0e4  # an outlier
+    latent, rope = wide[:, 3:515], wide[:, 600:664]  # views with a row stride of 700
+    slots = torch.randperm(blocks * bs, generator=g)[:t]
+    ue8m0 = fmt == "fp8-ue8m0"
+    if fmt == "float":
+        cache = torch.randn(blocks, bs, 576, generator=g).bfloat16()
+        want = cache.clone().view(-1, 576)
+        want[slots] = torch.cat([latent, rope], -1).bfloat16()
+    else:
+        cache = torch.randint(0, 256, (blocks, bs, 656), generator=g, dtype=torch.uint8)
+        want = cache.clone().view(-1, 656)
+        want[slots] = kv_fp8.pack(latent, rope, ue8m0)
+    got = cache.to(device)
+    Ops(backend).store_kv(got, slots.to(device), latent.to(device), rope.to(device), ue8m0)
+    assert torch.equal(got.cpu().view(want.shape), want)
+
+
+def test_store_kv_names_bad_arguments():
+    ops = Ops("reference")
+    latent, rope = torch.randn(3, 512), torch.randn(3, 64)
+    cache = torch.zeros(2, 16, 656, dtype=torch.uint8)
+    slots = torch.tensor([0, 5, 9])
+    with pytest.raises(ValueError, match=r"store_kv: an FP8 \(uint8\) kv_cache must be \[blocks, "
+                                         r"block_size, 656\] \(d_v=512, d_rope=64\)"):
+        ops.store_kv(torch.zeros(2, 16, 600, dtype=torch.uint8), slots, latent, rope)
+    with pytest.raises(ValueError, match=r"slot_mapping must be int64 \[3\]"):
+        ops.store_kv(cache, slots.int(), latent, rope)
+    with pytest.raises(ValueError, match=r"latent and rope must be \[T, d_v\] and \[T, d_rope\]"):
+        ops.store_kv(cache, slots, latent, rope[:2])
+    with pytest.raises(ValueError, match=r"kv_cache must be \[blocks, block_size, 576\]"):
+        ops.store_kv(torch.zeros(2, 16, 570), slots, latent, rope)
+    with pytest.raises(ValueError, match="rope must be a float tensor"):
+        ops.store_kv(cache, slots, latent, rope.to(torch.float8_e4m3fn))
+
+
 def test_sparse_mla_ops_read_the_fp8_cache(backend, device):
     """Decode and prefill on the uint8 cache equal the same op on its float32 dequantization."""
     require_kv_cache_dtype(backend, "fp8")

@@ -671,6 +671,59 @@ def test_quantize_fp8_kernel_is_bit_identical_to_reference(block, ue8m0):
             assert torch.equal(q.cpu().view(torch.uint8), r_q.view(torch.uint8)), dtype
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-ue8m0", "float"])
+def test_store_kv_kernel_is_bit_identical_to_reference(fmt):
+    """The cache write kernel against the reference's pack + index_copy_, on random bytes (or
+    floats) in the cache, strided fp32 / low-precision inputs and a d_v of 3 tiles (padded
+    tile and rope ranges). The kernel rounds with integer ops, so the interpreter checks the
+    FP8 bytes too."""
+    g = _gen(41 + len(fmt))
+    for d_v, d_rope in ((512, 64), (384, 40)):
+        blocks, bs, t = 6, 16, 45
+        wide = torch.randn(t, d_v + d_rope + 50, generator=g) * torch.exp(
+            2 * torch.randn(t, 1, generator=g))
+        wide[0, :128] *= 1e-7  # an all-tiny tile: the 1e-4 amax clamp
+        wide[2, 7] = 3.0e4
+        slots = torch.randperm(blocks * bs, generator=g)[:t]
+        ue8m0 = fmt == "fp8-ue8m0"
+        for dtype in (torch.float32, LOWP):
+            w = wide.to(dtype)
+            latent, rope = w[:, 5:5 + d_v], w[:, 50 + d_v:50 + d_v + d_rope]
+            if fmt == "float":
+                cache = torch.randn(blocks, bs, d_v + d_rope, generator=g).to(LOWP)
+            else:
+                cache = torch.randint(0, 256, (blocks, bs, kv_fp8.entry_bytes(d_v, d_rope)),
+                                      generator=g, dtype=torch.uint8)
+            want = cache.clone()
+            ref.store_kv(want, slots, latent, rope, ue8m0)
+            assert K.kv_store.supports(cache, latent, rope)
+            got = cache.to(DEV)
+            K.kv_store.store_kv(got, slots.to(DEV), latent.to(DEV), rope.to(DEV), ue8m0)
+            assert torch.equal(got.cpu(), want), (fmt, d_v, dtype)  # every byte
+
+
+def test_store_kv_rounds_like_torch_on_every_half_value():
+    """The kernel's integer e4m3 / bf16 roundings against torch's conversions, exhaustively over
+    float16 values in [-448, 448] (subnormals, ties, the extremes) and fp32 values between
+    them: each tile holds 448, so its ue8m0 scale is 1 and q = x exactly."""
+    h = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    h = h[h.float().abs() <= 448].float()
+    mid = (h[:-1] + h[1:]) / 2  # float32 midpoints, which float16 cannot hold
+    x = torch.cat([h, mid, torch.tensor([448.0, -448.0, 0.0, -0.0])])
+    n = -(-x.numel() // 127) * 127
+    x = torch.cat([x, x[: n - x.numel()]]).view(-1, 127)
+    latent = torch.cat([torch.full((x.shape[0], 1), 448.0), x], 1).repeat(1, 4)  # 4 tiles
+    rope = latent[:, 1:65] * 3.1  # bf16 rounding of assorted floats
+    t = latent.shape[0]
+    cache = torch.zeros(1, t, kv_fp8.entry_bytes(512, 64), dtype=torch.uint8)
+    slots = torch.arange(t)
+    got = cache.to(DEV)
+    K.kv_store.store_kv(got, slots.to(DEV), latent.to(DEV), rope.to(DEV), True)
+    want = cache.clone()
+    ref.store_kv(want, slots, latent, rope, True)
+    assert torch.equal(got.cpu(), want)
+
+
 def test_combine_splits_matches_float64():
     g = _gen(23)
     s, t, h, d = 5, 4, 24, 64
