@@ -92,6 +92,7 @@ def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.T
         return
     latent = latent if latent.stride(-1) == 1 else latent.contiguous()
     rope = rope if rope.stride(-1) == 1 else rope.contiguous()
+    slot_mapping = slot_mapping.contiguous()  # read as SLOT + t
     d_v, d_rope = latent.shape[-1], rope.shape[-1]
     fp8 = kv_cache.dtype == torch.uint8
     flat = kv_cache.view(-1, kv_cache.shape[-1])
