@@ -16,10 +16,11 @@ import torch
 
 import triton
 import triton.language as tl
+from dsa_ascend import kv_fp8
 
 from .quant import block_quant
 
-_TILE = 128  # channels a scale covers (dsa_ascend.kv_fp8.TILE)
+_TILE = kv_fp8.TILE  # channels a scale covers
 TILE = tl.constexpr(_TILE)
 
 
@@ -60,16 +61,15 @@ def _store_kv_kernel(LAT, ROPE, SLOT, C8, C32, C16, stride_lt, stride_rt, width,
     r = tl.arange(0, ROPE_P2)
     rmask = r < D_ROPE
     k_pe = tl.load(ROPE + t.to(tl.int64) * stride_rt + r, mask=rmask, other=0.0)
+    row = slot * width  # bytes (FP8) or elements
     if FP8:
         q, scale = block_quant(x, UE8M0)
-        row = slot * width  # bytes
         tl.store(C8 + row + tiles[:, None] * TILE + cols[None, :], _e4m3_bits(q),
                  mask=tmask[:, None])
         tl.store(C32 + (row + D_V) // 4 + tiles, scale, mask=tmask)
         tl.store(C16 + (row + width - 2 * D_ROPE) // 2 + r, _bf16_bits(k_pe.to(tl.float32)),
                  mask=rmask)
     else:
-        row = slot * width  # elements
         dst = C8.dtype.element_ty
         tl.store(C8 + row + tiles[:, None] * TILE + cols[None, :], x.to(dst), mask=tmask[:, None])
         tl.store(C8 + row + D_V + r, k_pe.to(dst), mask=rmask)
