@@ -27,7 +27,9 @@ TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.102 / 0
 is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two tiles and P1
 take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
 the rows are shared by the CTAs of many tokens).
-Tried: an L2 prefetch of the next round's rows (decode 0.132 against 0.109 ms, prefill 3% slower).
+Tried: an L2 prefetch of the next round's rows (decode 0.132 against 0.109 ms, prefill 3% slower;
+as one bulk prefetch a row, H200 session 14: decode unchanged within noise, prefill 3-5%
+slower).
 
 The FP8 latent cache (dsa_ascend/kv_fp8.py; bf16 q) takes its own producer, ``_producer_fp8``:
 the FP8 bytes pass through registers and are dequantized into the same bf16 tiles, so the
@@ -184,6 +186,7 @@ if _GLUON:
         q_rope = q_rope_s.index(z)
         qL = q_nope_s.index(z).slice(0, HALF, 1)
         qR = q_nope_s.index(z).slice(HALF, HALF, 1)
+        _acquire(xbar.index(6), 0)  # the queries
         _acquire(k_ready.index(0), 0)
         s = warpgroup_mma(qL, k0.slice(0, HALF, 1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _acquire(k_ready.index(1), 0)
@@ -244,6 +247,7 @@ if _GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
         acc, m_i, l_i, s_zero = _consumer_state(BLOCK_H, HALF, BLOCK_K, s_layout, o_layout)
+        _acquire(xbar.index(6), 0)  # the queries
         for j in range(rounds):
             phase = j & 1
             kb = k_lo + (2 * j + 1) * BLOCK_K
@@ -295,8 +299,7 @@ if _GLUON:
         ok = slot >= 0
         row = KV + gl.where(ok, slot, 0).to(gl.int64) * ROW_WIDTH + col0
         cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-        _async_load(dst, row[:, None] + cols[None, :], mask=ok[:, None],
-                                               eviction_policy="evict_last")
+        _async_load(dst, row[:, None] + cols[None, :], mask=ok[:, None], eviction_policy="evict_last")
 
     @gluon.jit
     def _producer(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
@@ -484,7 +487,8 @@ if _GLUON:
         slot_s = gl.allocate_shared_memory(gl.int32, [2 * BLOCK_K], vec_sl)
         k_ready = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         k_free = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        xbar = gl.allocate_shared_memory(gl.int64, [6, 1], mbarrier.MBarrierLayout())
+        # the consumers' hand-offs, then (6) the queries' arrival
+        xbar = gl.allocate_shared_memory(gl.int64, [7, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(4):
             if KV_FP8:  # one arrival after the stores; the right halves + one a thread (rope)
                 mbarrier.init(k_ready.index(i), count=1 + 128 * (i % 2))
@@ -493,25 +497,24 @@ if _GLUON:
             mbarrier.init(k_free.index(i), count=1)
         for i in gl.static_range(6):
             mbarrier.init(xbar.index(i), count=1)
+        mbarrier.init(xbar.index(6), count=128)  # one cp.async arrival a thread of this warpgroup
 
-        # queries into shared memory, resident for the whole loop
+        # queries into shared memory, resident for the whole loop; the consumers wait for them on
+        # an mbarrier, so the producer's first gathers are issued without waiting for them
+        # (bit-identical; within 0.5% in decode, H200 session 14)
         q_base = Q + t.to(gl.int64) * stride_qt
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         h_n = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld))
         for c in gl.static_range(D_NOPE // 256):
             d_n = c * 256 + gl.arange(0, 256, layout=gl.SliceLayout(0, ld))
             _async_load(q_nope_s.index(0).slice(c * 256, 256, 1),
-                                                   q_base + h_n[:, None] * stride_qh + d_n[None, :],
-                                                   mask=(h_n < H)[:, None])
+                        q_base + h_n[:, None] * stride_qh + d_n[None, :], mask=(h_n < H)[:, None])
         ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
         h_r = h0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ld_r))
         d_r = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, ld_r))
-        _async_load(q_rope_s.index(0),
-                                               q_base + h_r[:, None] * stride_qh + D_NOPE + d_r[None, :],
-                                               mask=(h_r < H)[:, None])
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        fence_async_shared()
+        _async_load(q_rope_s.index(0), q_base + h_r[:, None] * stride_qh + D_NOPE + d_r[None, :],
+                    mask=(h_r < H)[:, None])
+        async_copy.mbarrier_arrive(xbar.index(6), increment_count=False)
         _barrier()
 
         k_lo = split * k_per_split
