@@ -131,7 +131,8 @@ def presets() -> dict:
             dict(LAT="*bf16", ROPE="*bf16", SLOT="*i64", stride_lt="i32", stride_rt="i32",
                  width="i32", **views),
             dict(D_V=512, D_ROPE=64, TILES_P2=4, ROPE_P2=64, FP8=name == "fp8",
-                 UE8M0=name == "fp8"), 4, divisible=("stride_lt", "stride_rt", "width"))
+                 UE8M0=name == "fp8"), K.kv_store.NUM_WARPS,
+            divisible=("stride_lt", "stride_rt", "width"))
            for name, views in (("fp8", dict(C8="*u8", C32="*fp32", C16="*i16")),
                                ("bf16", dict(C8="*bf16", C32="*bf16", C16="*bf16")))},
         # MLA's q_pe: [T, 128, 64] of 192 channels, interleaved pairs

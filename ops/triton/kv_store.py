@@ -22,6 +22,9 @@ from .quant import block_quant
 
 _TILE = kv_fp8.TILE  # channels a scale covers
 TILE = tl.constexpr(_TILE)
+# warps a program (a token): H200, FP8 cache, 16K tokens 18.3 us with 2 against 21.1 with 4 and
+# 33.5 with 8; equal at 4K tokens and below (BENCHMARKS.md, session 14)
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -104,7 +107,7 @@ def store_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.T
                            kv_cache.shape[-1], D_V=d_v, D_ROPE=d_rope,
                            TILES_P2=triton.next_power_of_2(d_v // _TILE),
                            ROPE_P2=triton.next_power_of_2(d_rope), FP8=fp8, UE8M0=ue8m0,
-                           num_warps=4)
+                           num_warps=NUM_WARPS)
 
 
 __all__ = ["store_kv", "supports"]
