@@ -202,9 +202,10 @@ def topk_short(rows, k=2048):
 
 
 def decode_indexer_short(rows, bw, h=64, d=128, topk=2048):
-    """The decode op at short contexts, CUDA graphs: the default (rows up to 8K, or 32K from 32
-    rows, take the one-program-a-row select) against the multi-program select with its first
-    pass in the logits kernel (the default before, forced by ``fused_first_pass=True``)."""
+    """The decode op at short contexts, CUDA graphs: the default (rows up to 8K, 16K from 32
+    rows and 32K from 64 rows take the one-program-a-row select: ``topk.resident_fits``)
+    against the multi-program select with its first pass in the logits kernel (the default
+    before, forced by ``fused_first_pass=True``)."""
     for ctx in (4096, 8192, 16384, 32768):
         for b in (1, 32, 128):
             q, w, kq, ks, table, cu, sk = _decode_inputs(b, ctx, h, d)
