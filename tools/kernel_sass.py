@@ -56,7 +56,8 @@ def presets() -> dict:
                         PROG="*i32", OUT="*fp32", HIST="*i32", stride_qt="i32", stride_wt="i32",
                         stride_bt="i32", width="i32", t0="i32", tiles_per_prog="i32")
     logits_div = ("stride_qt", "stride_wt", "stride_bt", "width")
-    logits = dict(H=64, H_PAD=64, D=128, HAS_SCALE=True, IEEE=False, BLOCK_SIZE=64)
+    # PDL=2: the early-release form sm90 runs for grids of one wave (pdl.pdl_level)
+    logits = dict(H=64, H_PAD=64, D=128, HAS_SCALE=True, IEEE=False, BLOCK_SIZE=64, PDL=2)
     topk_types = dict(S="*fp32", LEN="*i32", HIST="*i32", SEL="*i32", COUNTS="*i32",
                       NCAND="*i32", CAND_S="*fp32", CAND_P="*i32", NSEL="*i32", SEL_P="*i32",
                       THRESH="*i32", OUT="*i32", VALS="*fp32", stride_s="i32", stride_c="i32",
@@ -81,21 +82,21 @@ def presets() -> dict:
             dict(logits, BLOCK_M=1, BLOCK_N=128, DO_HIST=True, HI=13, SPLIT=4), 4, 2, logits_div),
         "topk_hist": _preset(tk._hi_hist_kernel, topk_types,
                              dict(HI=12, CHUNK=tk.CHUNK, WARP_AGG=True, SPLIT=1,
-                                  WINDOW=tk.HIST_WINDOW), 4, divisible=topk_div),
-        "topk_compact": _preset(tk._compact_kernel, topk_types, dict(HI=12, CHUNK=tk.CHUNK), 4,
+                                  WINDOW=tk.HIST_WINDOW, PDL=2), 4, divisible=topk_div),
+        "topk_compact": _preset(tk._compact_kernel, topk_types, dict(HI=12, CHUNK=tk.CHUNK, PDL=2), 4,
                                 divisible=topk_div),
         "topk_compact_gluon": _preset(K.topk_sm90._compact_kernel_gl, topk_types,
-                                      dict(HI=12, CHUNK=tk.CHUNK, WARPS=tk.COMPACT_WARPS),
+                                      dict(HI=12, CHUNK=tk.CHUNK, WARPS=tk.COMPACT_WARPS, PDL=2),
                                       tk.COMPACT_WARPS, divisible=topk_div),
         "topk_hist_gluon": _preset(K.topk_sm90._hi_hist_kernel_gl, topk_types,
                                    dict(HI=12, CHUNK=tk.CHUNK, SPLIT=1, WINDOW=tk.HIST_WINDOW,
-                                        WARPS=4), 4, divisible=topk_div),
+                                        WARPS=4, PDL=2), 4, divisible=topk_div),
         "topk_finish": _preset(tk._finish_kernel, topk_types,
-                               dict(HI=12, CHUNK=tk.CHUNK, BLOCK=2048, DIGIT=4), 8,
+                               dict(HI=12, CHUNK=tk.CHUNK, BLOCK=2048, DIGIT=4, PDL=2), 8,
                                divisible=topk_div),
         "topk_write": _preset(tk._write_kernel, topk_types,
                               dict(CHUNK=tk.CHUNK, MAX_CHUNKS=128, PAD=16, BLOCK=64,
-                                   WITH_VALS=True), 1, divisible=topk_div),
+                                   WITH_VALS=True, PDL=2), 1, divisible=topk_div),
         # one program a row, 32K keys in registers: Triton and Gluon at 32 warps (the default
         # from 16K keys), and Triton at 16 warps with the scores written too
         "topk_resident": _preset(tk._resident_kernel, topk_types,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from dsa_ascend import paging
 
+from .pdl import grid_dep, launch_opts, pdl_level
 from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, resident_fits, select_topk
 
 # Prefill chunks take the one-program-a-row select up to this key width. Their rows are causal,
@@ -137,7 +138,9 @@ def _indexer_logits_kernel(
     H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
     DO_HIST: tl.constexpr, HI: tl.constexpr, SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_dep(PDL)
     p = tl.program_id(0)
     row = tl.load(PROG + p * 4 + 0)
     t_start = tl.load(PROG + p * 4 + 1)
@@ -220,6 +223,7 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
             tiles_per_prog //= 2
     h_pad = max(16, triton.next_power_of_2(h))
     grid = (progs.shape[0], triton.cdiv(n_tiles, tiles_per_prog))
+    pdl = pdl_level(q, grid[0] * grid[1])
     _indexer_logits_kernel[grid](
         q, weights, kc, ks if ks is not None else weights, block_table, progs, scores,
         hist if hist is not None else progs,
@@ -229,7 +233,7 @@ def indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width, block_
         IEEE=q.dtype == torch.float32, DO_HIST=hist is not None,
         # constexprs of the histogram: fixed without one, so they add no compiled variants
         HI=hi_bits if hist is not None else HI_BITS, SPLIT=hist_split if hist is not None else 1,
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=block_size, PDL=pdl, **launch_opts(pdl),
         # H200, FP8, 64 heads: 1 x 128 keys 4 warps, 2 stages (decode); 2 x 64 4 warps, 2
         # stages; 4 x 64 8 warps, 3 stages (BENCHMARKS.md session 10)
         num_warps=num_warps or (4 if block_m * h_pad <= 128 else 8),
@@ -246,9 +250,10 @@ def _sm_count(device) -> int:
 
 @triton.jit
 def _decode_plan_kernel(CU, SK, PROG, ROWLEN, t0, t1, n_rows, width, STEPS: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Tokens t0..t1, one run each: (row, t, t + 1, pos) into PROG and min(pos + 1, width) into
     ROWLEN; row = the last r with cu[r] <= t (binary search: empty sequences are passed over)."""
+    grid_dep(PDL)
     tok = t0 + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = tok < t1
     lo = tl.zeros([BLOCK], tl.int32)
@@ -276,9 +281,12 @@ def decode_plan(cu_seqlens_q, seqlens_k, t0: int, t1: int, width: int):
     progs = torch.empty((n, 4), dtype=torch.int32, device=cu_seqlens_q.device)
     row_len = torch.empty((n,), dtype=torch.int32, device=cu_seqlens_q.device)
     block = min(1024, max(16, triton.next_power_of_2(n)))
-    _decode_plan_kernel[(triton.cdiv(n, block),)](
+    grid = (triton.cdiv(n, block),)
+    pdl = pdl_level(progs, grid[0])
+    _decode_plan_kernel[grid](
         cu_seqlens_q.to(torch.int32), seqlens_k.to(torch.int32), progs, row_len, t0, t1, n_rows,
-        width, STEPS=max(1, (n_rows - 1).bit_length() + 1), BLOCK=block, num_warps=4)
+        width, STEPS=max(1, (n_rows - 1).bit_length() + 1), BLOCK=block, PDL=pdl,
+        num_warps=4, **launch_opts(pdl))
     return progs, row_len
 
 
@@ -369,7 +377,7 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
                     and fused_first_pass is not True and resident_fits(t1 - t0, width))
         fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS and not resident
                 if fused_first_pass is None else fused_first_pass)
-        hist = hist_workspace(t1 - t0, hi_bits, split, device) if fuse else None
+        hist = hist_workspace(t1 - t0, hi_bits, split, device, length=width) if fuse else None
         scores = indexer_logits(q, weights, kc, ks, block_table, progs, t0, t1, width,
                                 k_cache.shape[1], block_m, block_n, hist=hist, hi_bits=hi_bits,
                                 hist_split=split)

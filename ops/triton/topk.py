@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import topk_sm90
+from .pdl import grid_dep, launch_opts, pdl_level
 from .topk_sm90 import WARP_GROUP_COUNT_ASM
 
 
@@ -220,8 +221,9 @@ def _chosen_bin(HIST, kk, NB: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr, SPLIT: tl.constexpr):
+def _choose_kernel(LEN, HIST, SEL, k, NB: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Per row, once: the pass-1 bin of the k-th largest key and the count wanted from it."""
+    grid_dep(PDL)
     r = tl.program_id(0)
     chosen, remaining = _chosen_bin(HIST + r * SPLIT * NB, tl.minimum(k, tl.load(LEN + r)), NB,
                                     SPLIT)
@@ -239,7 +241,8 @@ def _warp_group_count(digit):
 
 @triton.jit
 def _hi_hist_kernel(S, LEN, HIST, stride_s, n_cols, HI: tl.constexpr, CHUNK: tl.constexpr,
-                    WARP_AGG: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr):
+                    WARP_AGG: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
+                    PDL: tl.constexpr):
     """Pass 1: program (r, c) counts the top digits of chunk c of row r into HIST[r] with L2
     atomics (measured 7x faster than tl.histogram's 4096 bins plus one atomic a bin). WINDOW > 0:
     the keys within WINDOW bins of the chunk's lowest digit are counted in the program first
@@ -248,6 +251,7 @@ def _hi_hist_kernel(S, LEN, HIST, stride_s, n_cols, HI: tl.constexpr, CHUNK: tl.
     at 64 bins, H200). WARP_AGG (GPU): one atomic per distinct digit in a warp's 32 keys; the keys
     bunch into a few bins, so the plain one-atomic-a-key form serialized on them (45% of a
     512 x 128K select)."""
+    grid_dep(PDL)
     r = tl.program_id(0)
     start = tl.program_id(1) * CHUNK
     row_len = tl.load(LEN + r)
@@ -277,11 +281,12 @@ def _hi_hist_kernel(S, LEN, HIST, stride_s, n_cols, HI: tl.constexpr, CHUNK: tl.
 
 @triton.jit
 def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s, stride_c,
-                    n_chunks, HI: tl.constexpr, CHUNK: tl.constexpr):
+                    n_chunks, HI: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Pass 2: COUNTS[r, c, 0] = keys of chunk c in bins above the k-th key's bin; that bin's
     keys (score and position) are appended to row r's candidate buffer. The positions of every
     key in that bin or above (the only ones the output can hold) go, ascending, to the chunk's
     own region of SEL_P, NSEL[r, c] of them: pass 3 reads those instead of the whole chunk."""
+    grid_dep(PDL)
     r = tl.program_id(0)
     c = tl.program_id(1)
     start = c * CHUNK
@@ -319,13 +324,14 @@ def _compact_kernel(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, str
 @triton.jit
 def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunks,
                    HI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                   DIGIT: tl.constexpr):
+                   DIGIT: tl.constexpr, PDL: tl.constexpr):
     """Row r's k-th largest key T (radix passes of DIGIT bits over the candidates' low 32 - HI
     bits only) and the count still wanted among the keys == T; adds each candidate > T / == T
     to its chunk's COUNTS. Up to BLOCK candidates (the usual case) are loaded once and every pass
     runs on registers. Narrow digits: a histogram's cost grows with its bins (tl.histogram
     ballots each bit of the bin and each lane counts 2 * 2^DIGIT / 32 bins), so five passes of
     4-bit digits cost less than three of 8 bits."""
+    grid_dep(PDL)
     NB: tl.constexpr = 1 << HI
     LO: tl.constexpr = 32 - HI
     N_FULL: tl.constexpr = LO // DIGIT
@@ -375,13 +381,14 @@ def _finish_kernel(SEL, NCAND, CAND_S, CAND_P, COUNTS, THRESH, stride_c, n_chunk
 @triton.jit
 def _write_kernel(S, LEN, THRESH, COUNTS, NSEL, SEL_P, OUT, VALS, stride_s, stride_c, stride_o, k,
                   n_chunks, CHUNK: tl.constexpr, MAX_CHUNKS: tl.constexpr, PAD: tl.constexpr,
-                  BLOCK: tl.constexpr, WITH_VALS: tl.constexpr):
+                  BLOCK: tl.constexpr, WITH_VALS: tl.constexpr, PDL: tl.constexpr):
     """Pass 3: chunk c of row r writes its keys > T, then its share of the keys == T that the tie
     rule keeps (lowest positions first), at offsets given by the counts of the chunks before it;
     and its share of the -1 padding after the row's kk entries. It reads only the chunk's keys
     in the k-th key's bin or above (pass 2 listed their positions, ascending), BLOCK at a time.
     WITH_VALS: the selected scores too, at the same offsets (-inf with the padding), sparing the
     caller a gather."""
+    grid_dep(PDL)
     r = tl.program_id(0)
     c = tl.program_id(1)
     row_len = tl.load(LEN + r)
@@ -438,12 +445,20 @@ def default_hist_window(n_rows: int) -> int:
 
 
 def hist_workspace(n_rows: int, hi_bits: int = HI_BITS, hist_split: int | None = None,
-                   device=None) -> torch.Tensor:
+                   device=None, length: int | None = None) -> torch.Tensor:
     """A zeroed pass-1 histogram for ``topk_multi(..., hist=)``: int32 [n_rows * split * 2^hi_bits]
     (row r's partial g at (r * split + g) * 2^hi_bits), for a producer that counts the top
-    ``hi_bits`` of each sortable key itself (the indexer's logits kernel does)."""
+    ``hi_bits`` of each sortable key itself (the indexer's logits kernel does). With ``length``
+    (the scores' width) it also holds the select's zeroed counts for rows of that width, so the
+    select zeroes nothing itself (one memset a step instead of two)."""
     split = default_hist_split(n_rows) if hist_split is None else hist_split
-    return torch.zeros(n_rows * split * (1 << hi_bits), dtype=torch.int32, device=device)
+    extra = 0 if length is None else _count_words(n_rows, length, CHUNK)
+    return torch.zeros(n_rows * split * (1 << hi_bits) + extra, dtype=torch.int32, device=device)
+
+
+def _count_words(n_rows: int, length: int, chunk: int) -> int:
+    """The select's zeroed counts: candidates [n] and chunk counts [n, chunks, 2]."""
+    return n_rows * (1 + 2 * max(1, triton.cdiv(length, chunk)))
 
 
 def _real_gpu(t: torch.Tensor) -> bool:
@@ -499,17 +514,21 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     max_chunks = triton.next_power_of_2(n_chunks)
     nb = 1 << hi_bits
     n_hist = n * hist_split * nb
-    if hist is not None and (hist.dtype != torch.int32 or hist.numel() != n_hist
+    n_counts = _count_words(n, length, chunk)
+    if hist is not None and (hist.dtype != torch.int32 or hist.numel() not in (n_hist, n_hist + n_counts)
                              or hist.device != scores.device):
-        raise ValueError(f"topk_multi: hist must be int32 [{n_hist}] on {scores.device} (rows x "
-                         f"hist_split x 2^hi_bits), got {hist.dtype} {tuple(hist.shape)} on "
-                         f"{hist.device}")
+        raise ValueError(f"topk_multi: hist must be int32 [{n_hist}] or [{n_hist + n_counts}] "
+                         f"(hist_workspace with length) on {scores.device} (rows x hist_split x "
+                         f"2^hi_bits), got {hist.dtype} {tuple(hist.shape)} on {hist.device}")
     # one zeroed workspace: [histograms [n, split, nb],] candidate counts [n], chunk counts [n, c, 2]
-    own = 0 if hist is not None else n_hist
-    work = torch.zeros(own + n * (1 + 2 * n_chunks), dtype=torch.int32, device=scores.device)
+    if hist is not None and hist.numel() == n_hist + n_counts:  # zeroed by the caller with hist
+        work, own = hist, n_hist
+    else:
+        own = 0 if hist is not None else n_hist
+        work = torch.zeros(own + n_counts, dtype=torch.int32, device=scores.device)
     ncand, counts = work[own:own + n], work[own + n:]
     hist_done = hist is not None
-    hist = hist if hist_done else work[:n_hist]
+    hist = hist[:n_hist] if hist_done else work[:n_hist]
     cand_s = torch.empty((n, length), dtype=torch.float32, device=scores.device)
     # one uninitialized int32 buffer (fewer allocations a call): candidate positions [n, L],
     # listed positions [n, L], listed counts [n, c], the chosen bins [n, 2], thresholds [n, 2]
@@ -520,6 +539,7 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     thresh = ints[n * (2 * length + n_chunks + 2):]
     grid = (n, n_chunks)
     warps = scan_warps or (8 if chunk >= 4096 else 4)
+    pdl_grid, pdl_row = pdl_level(scores, n * n_chunks), pdl_level(scores, n)  # grids (n, c), (n,)
     gluon_ok = topk_sm90.available(scores)
     for name, impl in (("compact_impl", compact_impl), ("hist_impl", hist_impl)):
         if impl not in (None, "gluon", "triton"):
@@ -532,26 +552,29 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
                          "pass warp_agg=True")
     if not hist_done and warp_agg and (hist_impl == "gluon" or (hist_impl is None and gluon_ok)):
         topk_sm90.hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, hist_split,
-                          hist_window, scan_warps or COMPACT_WARPS)
+                          hist_window, scan_warps or COMPACT_WARPS, pdl_grid)
     elif not hist_done:
         _hi_hist_kernel[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
                               CHUNK=chunk, WARP_AGG=warp_agg and _real_gpu(scores), SPLIT=hist_split,
-                              WINDOW=hist_window, num_warps=warps)
-    _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, num_warps=8)
+                              WINDOW=hist_window, PDL=pdl_grid, num_warps=warps,
+                              **launch_opts(pdl_grid))
+    _choose_kernel[(n,)](lengths, hist, sel, k, NB=nb, SPLIT=hist_split, PDL=pdl_row, num_warps=8,
+                         **launch_opts(pdl_row))
     if compact_impl == "gluon" or (compact_impl is None and gluon_ok):
         topk_sm90.compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
-                          length, n_chunks, hi_bits, chunk, scan_warps or COMPACT_WARPS)
+                          length, n_chunks, hi_bits, chunk, scan_warps or COMPACT_WARPS, pdl_grid)
     else:
         _compact_kernel[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
                               scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
-                              num_warps=warps)
+                              PDL=pdl_grid, num_warps=warps, **launch_opts(pdl_grid))
     _finish_kernel[(n,)](sel, ncand, cand_s, cand_p, counts, thresh, length, n_chunks,
                          HI=hi_bits, CHUNK=chunk, BLOCK=finish_block, DIGIT=finish_digit,
-                         num_warps=finish_warps)
+                         PDL=pdl_row, num_warps=finish_warps, **launch_opts(pdl_row))
     _write_kernel[grid](scores, lengths, thresh, counts, nsel, sel_p, out, vals, scores.stride(0),
                         length, out.stride(0), k, n_chunks, CHUNK=chunk, MAX_CHUNKS=max_chunks,
                         PAD=triton.next_power_of_2(triton.cdiv(k, n_chunks)), BLOCK=write_block,
-                        WITH_VALS=values, num_warps=write_warps)
+                        WITH_VALS=values, PDL=pdl_grid, num_warps=write_warps,
+                        **launch_opts(pdl_grid))
     return (out, vals) if values else out
 
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_opts
+
 # PTX for each lane: how many lanes of its warp hold the same value, on the lowest such lane, else
 # 0 (match.any; the warp-aggregated atomics of CUB's histograms). Used by the Triton and the
 # Gluon pass 1 alike (an inline-asm string must be a constexpr to be read inside a kernel).
@@ -89,10 +91,22 @@ if _GLUON:
         return x, (_sortable_gl(x) >> (32 - HI)).to(gl.int32)
 
     @gluon.jit
+    def _grid_dep_gl(PDL: gl.constexpr):
+        """``pdl.grid_dep`` in Gluon: wait for the previous kernel (PDL >= 1), then release the
+        next (PDL == 2)."""
+        if PDL >= 1:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+        if PDL >= 2:
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _compact_kernel_gl(S, LEN, SEL, COUNTS, NCAND, CAND_S, CAND_P, NSEL, SEL_P, stride_s,
                            stride_c, n_chunks, HI: gl.constexpr, CHUNK: gl.constexpr,
-                           WARPS: gl.constexpr):
+                           WARPS: gl.constexpr, PDL: gl.constexpr):
         """``topk._compact_kernel``, every tensor in one layout (see the module docstring)."""
+        _grid_dep_gl(PDL)
         layout: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
         r = gl.program_id(0)
         c = gl.program_id(1)
@@ -130,8 +144,10 @@ if _GLUON:
 
     @gluon.jit
     def _hi_hist_kernel_gl(S, LEN, HIST, stride_s, n_cols, HI: gl.constexpr, CHUNK: gl.constexpr,
-                           SPLIT: gl.constexpr, WINDOW: gl.constexpr, WARPS: gl.constexpr):
+                           SPLIT: gl.constexpr, WINDOW: gl.constexpr, WARPS: gl.constexpr,
+                           PDL: gl.constexpr):
         """``topk._hi_hist_kernel`` with warp-aggregated atomics, in one layout."""
+        _grid_dep_gl(PDL)
         layout: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
         bins_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
         r = gl.program_id(0)
@@ -285,19 +301,19 @@ def resident(scores, lengths, out, vals, k, block, values, warps):
         num_warps=warps)
 
 
-def hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, split, window, warps):
+def hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, split, window, warps, pdl=0):
     """Launch the Gluon pass 1 with ``topk._hi_hist_kernel``'s arguments (warp-aggregated)."""
     _hi_hist_kernel_gl[grid](scores, lengths, hist, scores.stride(0), length, HI=hi_bits,
-                             CHUNK=chunk, SPLIT=split, WINDOW=window, WARPS=warps,
-                             num_warps=warps)
+                             CHUNK=chunk, SPLIT=split, WINDOW=window, WARPS=warps, PDL=pdl,
+                             num_warps=warps, **launch_opts(pdl))
 
 
 def compact(grid, scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p, length,
-            n_chunks, hi_bits, chunk, warps):
+            n_chunks, hi_bits, chunk, warps, pdl=0):
     """Launch the Gluon compaction with ``topk._compact_kernel``'s arguments."""
     _compact_kernel_gl[grid](scores, lengths, sel, counts, ncand, cand_s, cand_p, nsel, sel_p,
                              scores.stride(0), length, n_chunks, HI=hi_bits, CHUNK=chunk,
-                             WARPS=warps, num_warps=warps)
+                             WARPS=warps, PDL=pdl, num_warps=warps, **launch_opts(pdl))
 
 
 __all__ = ["available", "compact", "hi_hist", "resident"]

@@ -275,7 +275,7 @@ def test_topk_first_pass_histogram_is_a_bincount(window):
         hist = torch.zeros(n * split << hi, dtype=torch.int32, device=DEV)
         K.topk._hi_hist_kernel[(n, triton.cdiv(length, chunk))](
             s.to(DEV), lens.to(DEV), hist, length, length, HI=hi, CHUNK=chunk, WARP_AGG=ON_GPU,
-            SPLIT=split, WINDOW=window, num_warps=4)
+            SPLIT=split, WINDOW=window, PDL=0, num_warps=4)
         got = [hist.cpu().view(n, split, 1 << hi).sum(1)]
         if ON_GPU:  # the Gluon pass 1 (warp-aggregated; no interpreter) counts the same
             hist_gl = torch.zeros_like(hist)
@@ -495,6 +495,61 @@ def test_indexer_topk_device_planned_launch_is_identical():
     short = max(kv_lens) // 2
     idx, _ = K.indexer_topk(*args, max_seqlen_k=short, block_m=1)
     assert int(idx.max()) < triton.cdiv(short, 128) * 128
+
+
+def test_pdl_level_rule(monkeypatch):
+    """Programmatic dependent launch (ops/triton/pdl.py): off on a CPU and under the
+    interpreter; on sm90+ an early release for grids of at most one program a SM, a wait only
+    for larger ones; DSA_PDL overrides."""
+    from types import SimpleNamespace
+
+    from ops.triton import pdl
+    assert pdl.pdl_level(torch.empty(1), 8) == 0  # a CPU tensor
+    if not pdl._GDC:
+        pytest.skip("this Triton has no griddepcontrol wrappers")
+    monkeypatch.setattr(pdl, "_device_info", lambda index: (True, 132))
+    gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.pdl_level(gpu, 8) == 0
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("DSA_PDL", raising=False)
+    assert [pdl.pdl_level(gpu, n) for n in (1, 132, 133, 4096)] == [2, 2, 1, 1]
+    for mode, want in (("0", 0), ("1", 1), ("2", 2)):
+        monkeypatch.setenv("DSA_PDL", mode)
+        assert pdl.pdl_level(gpu, 4096) == want
+    monkeypatch.setattr(pdl, "_device_info", lambda index: (False, 132))  # before Hopper
+    assert pdl.pdl_level(gpu, 8) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch needs an sm90 GPU")
+@pytest.mark.parametrize("b", [1, 40])
+def test_decode_indexer_pdl_forms_are_bit_identical(b, monkeypatch):
+    """A decode step's indexer + top-k (plan, logits with the fused first pass, the
+    multi-program select) in every PDL form and as a CUDA graph: the same output, bit for bit,
+    as plain launches. 40K keys a row: too long for the one-program-a-row select."""
+    from dsa_ascend.backends.cuda import graph_replay
+
+    g = _gen(23)
+    d, h, ctx, topk = 128, 64, 40000, 2048
+    cache, table = _paged([ctx] * b, d, 64, g)
+    kq, ks = quantize_fp8_blocks(cache, d)
+    q, _ = quantize_fp8_blocks(torch.randn(b, h, d, generator=g), d)
+    args = (q.to(DEV), torch.rand(b, h, generator=g).to(DEV), kq.to(DEV), ks.squeeze(-1).to(DEV),
+            table.to(DEV), torch.arange(b + 1, dtype=torch.int32, device=DEV),
+            torch.full((b,), ctx, dtype=torch.int32, device=DEV), topk)
+    monkeypatch.setenv("DSA_PDL", "0")
+    want = K.indexer_topk(*args, max_seqlen_k=ctx)
+    for mode in ("1", "2", "auto"):
+        monkeypatch.setenv("DSA_PDL", mode)
+        got = K.indexer_topk(*args, max_seqlen_k=ctx)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), mode
+        box = {}
+        replay = graph_replay(lambda box=box: box.update(out=K.indexer_topk(*args, max_seqlen_k=ctx)))
+        for _ in range(3):
+            replay()
+        torch.cuda.synchronize()
+        out = box["out"]
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1]), f"{mode}, graph"
 
 
 def _sortable_keys(x):
