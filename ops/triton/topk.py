@@ -484,14 +484,16 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     (partial pass-1 histograms a row; default 4 up to 132 rows, else 1), ``finish_block`` /
     ``finish_digit`` / ``finish_warps`` (the candidates' program: its block, digit width and
     warps), ``write_block`` / ``write_warps`` (pass 3). ``hist``: pass 1 already done by the
-    caller (``hist_workspace``'s layout, the same ``hi_bits`` and ``hist_split``, counting exactly
-    the keys before each row's length): it is skipped. ``hist_window`` (0 or a power of two up
-    to 2^hi_bits; default ``default_hist_window(n)``): pass 1 counts the keys near each chunk's
-    lowest digit in the program first. ``compact_impl`` / ``hist_impl``: the kernel of pass 2 /
-    pass 1, "gluon" (``topk_sm90``, GPUs only; pass 1's with ``warp_agg`` only; BENCHMARKS.md
-    session 11), "triton", or None (Gluon where it runs); ``scan_warps``: the warps of passes 1
-    and 2 (default: 4, 8 from 4096-key chunks in the Triton kernels; ``COMPACT_WARPS`` in the
-    Gluon ones)."""
+    caller (``hist_workspace``'s layout, the same ``hi_bits`` and ``hist_split``, counting
+    exactly the keys before each row's length): it is skipped; a ``hist_workspace(...,
+    length=)`` also carries the select's zeroed counts (for the default ``chunk``), so nothing
+    is zeroed here. ``hist_window`` (0 or a power of two up to 2^hi_bits; default
+    ``default_hist_window(n)``): pass 1 counts the keys near each chunk's lowest digit in the
+    program first. ``compact_impl`` / ``hist_impl``: the kernel of pass 2 / pass 1, "gluon"
+    (``topk_sm90``, GPUs only; pass 1's with ``warp_agg`` only; BENCHMARKS.md session 11),
+    "triton", or None (Gluon where it runs); ``scan_warps``: the warps of passes 1 and 2
+    (default: 4, 8 from 4096-key chunks in the Triton kernels; ``COMPACT_WARPS`` in the Gluon
+    ones)."""
     n, length = scores.shape
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
