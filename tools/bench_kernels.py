@@ -359,6 +359,18 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, CUDA graph", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
+    # baseline: the same graph with plain launches (no programmatic dependent launch, pdl.py)
+    before = os.environ.get("DSA_PDL")
+    os.environ["DSA_PDL"] = "0"
+    try:
+        ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
+    finally:
+        if before is None:
+            del os.environ["DSA_PDL"]
+        else:
+            os.environ["DSA_PDL"] = before
+    rows.append(dict(name=f"  baseline: the same graph, plain launches (DSA_PDL=0) B={b}", ms=ms,
+                     gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # where the time goes: the logits kernel alone, and the top-k alone on its output
     progs, _ = K.indexer.decode_plan(cu, sk, 0, b, ctx)  # the op's own decode plan
     ms_l = bench(lambda: K.indexer.indexer_logits(q, w, kq.view(-1, d), ks.view(-1), table, progs, 0,
