@@ -56,7 +56,8 @@ def presets() -> dict:
                         PROG="*i32", OUT="*fp32", HIST="*i32", stride_qt="i32", stride_wt="i32",
                         stride_bt="i32", width="i32", t0="i32", tiles_per_prog="i32")
     logits_div = ("stride_qt", "stride_wt", "stride_bt", "width")
-    # PDL=2: the early-release form sm90 runs for grids of one wave (pdl.pdl_level)
+    # PDL=2: both griddepcontrol instructions (pdl.pdl_level; grids of more than one wave run
+    # level 1, without the early release)
     logits = dict(H=64, H_PAD=64, D=128, HAS_SCALE=True, IEEE=False, BLOCK_SIZE=64, PDL=2)
     topk_types = dict(S="*fp32", LEN="*i32", HIST="*i32", SEL="*i32", COUNTS="*i32",
                       NCAND="*i32", CAND_S="*fp32", CAND_P="*i32", NSEL="*i32", SEL_P="*i32",
