@@ -182,8 +182,9 @@ def topk(rows, k=2048):
 
 
 def topk_short(rows, k=2048):
-    """Rows of up to 32K keys: ``topk_resident`` (one program a row, the row in registers)
-    against ``topk_multi``, CUDA graphs, N(0, 1) scores; outputs checked equal first."""
+    """Rows of up to 32K keys: ``topk_resident`` (one program a row, the row in registers; its
+    bisection kernel and its radix kernel) against ``topk_multi``, CUDA graphs, N(0, 1) scores;
+    outputs checked equal first."""
     for n, length in ((64, 4096), (1024, 4096), (128, 8192), (1024, 8192), (1, 16384), (64, 16384),
                       (132, 16384), (1024, 16384), (1, 32768), (8, 32768), (32, 32768), (64, 32768),
                       (132, 32768), (1024, 32768)):
@@ -192,9 +193,15 @@ def topk_short(rows, k=2048):
         gb = n * length * 4 / 1e6
         name = f"top-{k} of {length} x {n} rows"
         want = K.topk.topk_multi(s, lens, k)
-        assert torch.equal(K.topk.topk_resident(s, lens, k), want), name
+        # the radix kernel holds at most 32 keys a thread
+        rw = max(K.topk.resident_warps(n, length), length // 1024)
+        assert torch.equal(K.topk.topk_resident(s, lens, k, radix=False), want), name
+        assert torch.equal(K.topk.topk_resident(s, lens, k, radix=True, num_warps=rw), want), name
         for label, fn in (("multi-program", lambda: K.topk.topk_multi(s, lens, k)),
-                          ("one program a row, in registers", lambda: K.topk.topk_resident(s, lens, k)),
+                          ("one program a row, bisection",
+                           lambda: K.topk.topk_resident(s, lens, k, radix=False)),
+                          (f"one program a row, radix, {rw} warps",
+                           lambda: K.topk.topk_resident(s, lens, k, radix=True, num_warps=rw)),
                           (f"select_topk policy (resident: {K.topk.resident_fits(n, length)})",
                            lambda: K.select_topk(s, lens, k))):
             ms = bench(graph_replay(fn))

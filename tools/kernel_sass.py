@@ -43,11 +43,26 @@ except ImportError:  # pragma: no cover - depends on the Triton build
 K = kernels()
 
 
-def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnreg=None):
+def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnreg=None,
+            smem_base=False):
     """A kernel, the types of its runtime arguments (the rest are constexprs), its constexprs,
-    launch options, and the arguments known to be multiples of 16 (all pointers always are)."""
+    launch options, and the arguments known to be multiples of 16 (all pointers always are).
+    ``smem_base``: the kernel's inline PTX addresses its first shared-memory allocation as
+    offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``)."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
-                num_stages=num_stages, divisible=divisible, maxnreg=maxnreg)
+                num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base)
+
+
+def first_store_at_smem_base(ptx: str) -> bool:
+    """Whether the kernel's first shared-memory store (in program order: the clearing of its
+    first allocation) addresses ``global_smem`` plus a per-thread register and no constant, i.e.
+    whether Triton placed that allocation at offset 0."""
+    m = re.search(r"^\s*(?:st\.shared|stmatrix)[^\[]*\[(%r\d+)(\+\d+)?\]", ptx, re.M)
+    if not m or m.group(2):
+        return False
+    base = re.search(rf"add\.s32\s+{re.escape(m.group(1))},\s*(%r\d+),\s*%r\d+;", ptx)
+    regs = [base.group(1)] if base else [m.group(1)]
+    return any(re.search(rf"mov\.(?:b|u)32\s+{re.escape(r)},\s*global_smem;", ptx) for r in regs)
 
 
 def presets() -> dict:
@@ -106,6 +121,14 @@ def presets() -> dict:
         "topk_resident_gluon": _preset(K.topk_sm90._resident2d_kernel_gl, topk_types,
                                        dict(BLOCK=32768, KPAD=2048, WITH_VALS=False, WARPS=32),
                                        32, divisible=topk_div),
+        "topk_radix_gluon": _preset(K.topk_sm90._radix_kernel_gl, topk_types,
+                                    dict(BLOCK=32768, KPAD=2048, WITH_VALS=True, WARPS=32,
+                                         D0=11, D1=11), 32, divisible=topk_div,
+                                    smem_base=True),
+        "topk_radix_gluon_idx": _preset(K.topk_sm90._radix_kernel_gl, topk_types,
+                                        dict(BLOCK=32768, KPAD=2048, WITH_VALS=False, WARPS=32,
+                                             D0=11, D1=11), 32, divisible=topk_div,
+                                        smem_base=True),
         # the 1-D form, with its reload, for more than 32 keys a thread (8K keys on 4 warps)
         "topk_resident_gluon_1d": _preset(K.topk_sm90._resident_kernel_gl, topk_types,
                                           dict(BLOCK=8192, KPAD=2048, WITH_VALS=False, WARPS=4),
@@ -217,7 +240,8 @@ def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
                shared_bytes=kernel.metadata.shared, warps=p["num_warps"], stages=p["num_stages"],
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                wgmma_waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
-               instructions=len(_INSTR.findall(sass)), loops=loops(sass))
+               instructions=len(_INSTR.findall(sass)), loops=loops(sass),
+               smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None)
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
         with open(os.path.join(sass_dir, f"{name}.sass"), "w") as f:
@@ -239,14 +263,22 @@ def main(argv=None):
     if bad:
         ap.error(f"unknown preset(s) {bad}; choose from {list(table)}")
     print(f"Triton {triton.__version__}, target sm90")
+    failed = []
     for name in chosen:
         r = report(name, table[name], args.sass)
         print(f"{name} ({r['kernel']}): {r['registers']} registers, {r['stack_bytes']} B stack "
               f"(spills), {r['shared_bytes']} B shared, {r['warps']} warps, {r['stages']} stages, "
               f"{r['instructions']} instructions, wgmma {r['wgmma']} (waits {r['wgmma_waits']})")
+        if r["smem_base"] is not None:
+            print(f"  first allocation at global_smem + 0: {'yes' if r['smem_base'] else 'NO'}")
+            if not r["smem_base"]:
+                failed.append(name)
         for lp in r["loops"]:
             mix = " ".join(f"{k}:{v}" for k, v in lp["ops"].most_common(12))
             print(f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['n']} instructions; {mix}")
+    if failed:
+        sys.exit(f"kernel_sass: {failed}: the first shared-memory allocation is not at offset 0 "
+                 f"of global_smem, which their inline PTX assumes")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,10 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 # block reduction a bit). One packed scan then ranks the keys > T and == T in
 # position order, as ``topk_rows`` writes them. No launch but one, no workspace, no atomics.
 RESIDENT_MAX = 32768
+# Whether ``topk_resident`` takes the radix kernel by default (``DSA_TOPK_RADIX`` overrides).
+# Off until it has run on a GPU: written and compiled offline for sm90 in session 16, when no
+# GPU could be had (BENCHMARKS.md).
+RADIX_DEFAULT = False
 
 
 @triton.jit
@@ -603,12 +607,15 @@ def resident_warps(n_rows: int, block: int) -> int:
 
 
 def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
-                  num_warps: int | None = None, impl: str | None = None):
+                  num_warps: int | None = None, impl: str | None = None,
+                  radix: bool | None = None):
     """``topk_rows``'s contract for rows of up to ``RESIDENT_MAX`` keys, in one launch: one
     program a row holds its row in registers (``_resident_kernel``). ``num_warps``: a power of
     two up to 32 (default ``resident_warps``). ``impl``: "gluon" (``topk_sm90``,
-    GPUs only), "triton", or None (Gluon where it runs). ``values``: (positions, their scores),
-    -inf where the position is -1."""
+    GPUs only), "triton", or None (Gluon where it runs). ``radix`` (Gluon only): T by three
+    shared-memory radix passes (``topk_sm90._radix_kernel_gl``) instead of 31 bisection steps;
+    None: ``RADIX_DEFAULT`` where it serves (at most 32 keys a thread), ``DSA_TOPK_RADIX=0/1``
+    overrides. ``values``: (positions, their scores), -inf where the position is -1."""
     n, length = scores.shape
     if length > RESIDENT_MAX:
         raise ValueError(f"topk_resident: rows of at most {RESIDENT_MAX} keys, got {length}")
@@ -623,6 +630,9 @@ def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: b
     if impl == "gluon" and not gluon_ok:
         raise ValueError("topk_resident: impl='gluon' needs a CUDA GPU (sm80+), Gluon and no "
                          "Triton interpreter")
+    if radix and (impl == "triton" or not gluon_ok):
+        raise ValueError("topk_resident: radix=True is a Gluon kernel: a CUDA GPU (sm80+), "
+                         "Gluon, no Triton interpreter and impl None or 'gluon'")
     out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
     vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
     if not n or not k:
@@ -632,7 +642,13 @@ def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: b
     warps = num_warps or resident_warps(n, block)
     block = max(block, 32 * warps)  # at least one key a thread
     if impl == "gluon" or (impl is None and gluon_ok):
-        topk_sm90.resident(scores, lengths, out, vals, k, block, values, warps)
+        fits = block // (32 * warps) <= 32
+        if radix is None:
+            radix = fits and os.environ.get("DSA_TOPK_RADIX", "1" if RADIX_DEFAULT else "0") != "0"
+        elif radix and not fits:
+            raise ValueError(f"topk_resident: radix=True takes at most 32 keys a thread, got "
+                             f"{block // (32 * warps)} ({block} keys on {warps} warps)")
+        topk_sm90.resident(scores, lengths, out, vals, k, block, values, warps, radix=radix)
     else:
         _resident_kernel[(n,)](scores, lengths, out, vals, scores.stride(0), out.stride(0),
                                length, k, BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)),

@@ -56,6 +56,8 @@ WARP_GROUP_COUNT_ASM = tl.constexpr("""{
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    # a CTA barrier: gl.barrier from Triton 3.7, gl.thread_barrier before
+    _barrier_gl = getattr(gl, "thread_barrier", None) or gl.barrier
     _GLUON = True
 except ImportError:  # pragma: no cover - depends on the Triton build
     _GLUON = False
@@ -74,6 +76,10 @@ if _GLUON:
     @gluon.jit
     def _add(a, b):
         return a + b
+
+    @gluon.jit
+    def _or(a, b):
+        return a | b
 
     @gluon.jit
     def _sortable_gl(x):
@@ -283,6 +289,240 @@ if _GLUON:
                      mask=(pad >= kk) & (pad < k))
 
 
+    # PTX for each key: add 1 to the int32 bin at byte offset 4 * $1 of the kernel's shared
+    # memory (Gluon 3.6 has no shared-memory atomics; ptxas makes it ATOMS.POPC.INC, which
+    # adds a warp's increments of one address at once). The bins are the kernel's first
+    # allocation, which Triton places at offset 0 of global_smem: ``tools/kernel_sass.py``
+    # checks that in the PTX of every preset that uses this.
+    _RED_SHARED_ASM = gl.constexpr("""{
+        .reg .u32 a;
+        mov.u32 a, global_smem;
+        mad.lo.u32 a, $1, 4, a;
+        red.shared.add.u32 [a], 1;
+        mov.b32 $0, 0;
+        }""")
+
+    # PTX for each thread: write its selected keys, in position order, from bit masks of its E
+    # keys (bit e: the key at position $6 + e): the keys above T ($1) at slots $3, $3 + 1, ...,
+    # then the keys equal to T ($2) at slots $4, $4 + 1, ... while the slot is below $5 (kk),
+    # into the output row at $9. A slot takes the position, or -1 where the score is -inf
+    # ($8 != 0: T is at or below -inf's key, so a pick may be -inf; the score is read back from
+    # the scores' row at $7 for that); with the scores, each pick's score, read back, goes to
+    # the row at $10. The loops run as many times as the lane with the most picks (2 of 32
+    # keys a thread on average at k = 2048 of 32K).
+    _WRITE_PICKS_ASM = """{
+        .reg .pred p, q;
+        .reg .b32 m, t, e, pos, idx, slot, lim, v;
+        .reg .b64 a, o;
+        mov.b32 m, $1;
+        mov.b32 slot, $3;
+        mov.b32 lim, $5;
+    $$L_gt_${:uid}:
+        setp.eq.b32 p, m, 0;
+        @p bra $$L_eq0_${:uid};
+        BODY
+        bra $$L_gt_${:uid};
+    $$L_eq0_${:uid}:
+        mov.b32 m, $2;
+        mov.b32 slot, $4;
+    $$L_eq_${:uid}:
+        setp.eq.b32 p, m, 0;
+        setp.ge.u32 q, slot, lim;
+        or.pred p, p, q;
+        @p bra $$L_end_${:uid};
+        BODY
+        bra $$L_eq_${:uid};
+    $$L_end_${:uid}:
+        mov.b32 $0, 0;
+        }"""
+    _WRITE_BODY = """neg.s32 t, m;
+        and.b32 t, t, m;
+        xor.b32 m, m, t;
+        bfind.u32 e, t;
+        add.u32 pos, $6, e;
+        mov.b32 idx, pos;
+        mul.wide.u32 o, pos, 4;
+        add.u64 a, $7, o;
+        setp.ne.b32 q, $8, 0;
+        LOADV
+        mul.wide.u32 o, slot, 4;
+        add.u64 a, $9, o;
+        st.global.b32 [a], idx;
+        STOREV
+        add.u32 slot, slot, 1;"""
+
+    def _write_picks_asm(with_vals):
+        if with_vals:  # the score is read for every pick
+            load = """ld.global.b32 v, [a];
+        setp.eq.and.b32 q, v, 0xFF800000, q;
+        @q mov.b32 idx, -1;"""
+            store = """add.u64 a, $10, o;
+        st.global.b32 [a], v;"""
+        else:  # only where a pick may be -inf
+            load = """@q ld.global.b32 v, [a];
+        @q setp.eq.b32 q, v, 0xFF800000;
+        @q mov.b32 idx, -1;"""
+            store = ""
+        body = _WRITE_BODY.replace("LOADV", load).replace("STOREV", store)
+        return gl.constexpr(_WRITE_PICKS_ASM.replace("BODY", body))
+
+    _WRITE_PICKS_IDX_ASM = _write_picks_asm(False)
+    _WRITE_PICKS_VALS_ASM = _write_picks_asm(True)
+
+    @gluon.jit
+    def _count_digits(off):
+        """One shared-memory increment a key, at bin ``off``."""
+        gl.inline_asm_elementwise(_RED_SHARED_ASM, "=r,r", [off], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _popc(m):
+        return gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [m], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.constexpr_function
+    def _next_pow2(n):
+        return triton.next_power_of_2(n)
+
+    @gluon.jit
+    def _warp_rows_scan(v, REVERSE: gl.constexpr, WARPS: gl.constexpr):
+        """Inclusive scan of a [WARPS, N] int32 tensor whose row w lies in warp w, over its
+        row-major order (REVERSE: from the end): a scan along each row (in the warp), then
+        one of the rows' totals, which every warp holds one a lane (a warp's shuffles instead
+        of a walk over all warps' totals)."""
+        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        rows: gl.constexpr = gl.SliceLayout(1, v.type.layout)
+        inner = gl.associative_scan(v, 1, _add, reverse=REVERSE)
+        tot = gl.convert_layout(gl.sum(v, 1), lanes)
+        ex = gl.convert_layout(gl.associative_scan(tot, 0, _add, reverse=REVERSE) - tot, rows)
+        return inner + gl.expand_dims(ex, 1)
+
+    @gluon.jit
+    def _clear_bins(bins_s, WARPS: gl.constexpr):
+        NB: gl.constexpr = bins_s.shape[0]
+        bins_s.store(gl.zeros([NB], gl.int32, gl.BlockedLayout([NB // (32 * WARPS)], [32], [WARPS], [0])))
+
+    @gluon.jit
+    def _pick_bin(bins_s, rem, extra0, NB: gl.constexpr, WARPS: gl.constexpr):
+        """From a digit's histogram in shared memory, less ``extra0`` keys counted in bin 0 that
+        are not the row's: the digit of the ``rem``-th largest counted key and how many counted
+        keys lie above it. The bins at or below that digit are those whose suffix count (keys
+        at or above the bin) is >= rem: one packed sum counts them (bits 16 up) and the keys in
+        the bins above (bits 0-15, <= 32768)."""
+        PER: gl.constexpr = NB // (32 * WARPS)
+        gl.static_assert(PER >= 1, "at least one bin a thread")
+        layout: gl.constexpr = gl.BlockedLayout([1, PER], [1, 32], [WARPS, 1], [1, 0])
+        hist = gl.convert_layout(
+            gl.reshape(bins_s.load(gl.BlockedLayout([PER], [32], [WARPS], [0])), [WARPS, 32 * PER]),
+            layout)
+        bins = (gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, layout)), 1) * (32 * PER)
+                + gl.expand_dims(gl.arange(0, 32 * PER, layout=gl.SliceLayout(0, layout)), 0))
+        hist = hist - gl.where(bins == 0, extra0, 0)
+        suffix = _warp_rows_scan(hist, True, WARPS)
+        packed = gl.sum(gl.sum(gl.where(suffix >= rem, 1 << 16, hist), 1), 0)
+        return (packed >> 16) - 1, packed & 0xFFFF
+
+    @gluon.jit
+    def _radix_kernel_gl(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k,
+                         BLOCK: gl.constexpr, KPAD: gl.constexpr, WITH_VALS: gl.constexpr,
+                         WARPS: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr):
+        """``_resident2d_kernel_gl``'s contract with the k-th largest key T found by three
+        radix passes instead of 31 bisection steps: each pass adds one shared-memory increment
+        a key to a histogram of its next digit (D0, D1, then 32 - D0 - D1 bits), then one
+        reverse scan and one packed sum over the bins pick the digit that holds the kk-th
+        largest key. A key that does not match the digits found so far counts in a bin of its
+        lane's own past the histograms (no predicate, no bank conflict). The keys here are
+        -bits for negative scores and bits + 2^31 for the others (``_sortable_gl``'s order, with
+        -0.0 and +0.0 one key, by integer ops alone); keys past the row are 0, below every
+        score's key: they count in bin 0 of the digits they match and are taken out of it by
+        number (BLOCK - row length), and in position order they rank after every key of the
+        row, so they are never taken. The write: bit masks of each thread's keys above T and
+        equal to T, one scan of their counts over the threads, then each thread writes its picks
+        in a loop over the set bits (``_WRITE_PICKS_ASM``), the scores read back from the row."""
+        D2: gl.constexpr = 32 - D0 - D1
+        NB0: gl.constexpr = 1 << D0
+        NB1: gl.constexpr = 1 << D1
+        NB2: gl.constexpr = 1 << D2
+        TRASH: gl.constexpr = NB0 + NB1 + NB2  # 32 bins, one a lane, for keys not counted
+        T: gl.constexpr = 32 * WARPS
+        E: gl.constexpr = BLOCK // T
+        gl.static_assert(E <= 32, "a thread's keys fit one 32-bit mask")
+        # first: the bins sit at offset 0 of the kernel's shared memory (_RED_SHARED_ASM)
+        bins_s = gl.allocate_shared_memory(gl.int32, [_next_pow2(TRASH + 32)],
+                                           gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        l2: gl.constexpr = gl.BlockedLayout([1, E], [32, 1], [WARPS, 1], [1, 0])
+        pad_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        w2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [WARPS, 1], [1, 0])
+        _clear_bins(bins_s.slice(0, NB0), WARPS)
+        _clear_bins(bins_s.slice(NB0, NB1), WARPS)
+        _clear_bins(bins_s.slice(NB0 + NB1, NB2), WARPS)
+        tid = gl.arange(0, T, layout=gl.SliceLayout(1, l2))
+        col = gl.expand_dims(gl.arange(0, E, layout=gl.SliceLayout(0, l2)), 0)
+        offs = gl.expand_dims(tid, 1) * E + col
+        trash = gl.expand_dims(TRASH + (tid & 31), 1)
+        r = gl.program_id(0)
+        row_len = gl.minimum(gl.load(LEN + r), n_cols)
+        kk = gl.minimum(k, row_len)
+        out_of_row = BLOCK - row_len
+        row = S + r.to(gl.int64) * stride_s
+        bits = gl.load(row + offs, mask=offs < n_cols, other=float("-inf")).to(gl.int32, bitcast=True)
+        sgn = bits >> 31  # 0 or -1
+        key = gl.where(offs < row_len, ((bits ^ sgn) - sgn) ^ (~sgn & -2147483648), 0)
+        key = key.to(gl.uint32, bitcast=True)
+        _barrier_gl()  # the bins are cleared
+        # digit 1: the top D0 bits of every key
+        _count_digits((key >> (32 - D0)).to(gl.int32))
+        _barrier_gl()
+        c0, above = _pick_bin(bins_s.slice(0, NB0), kk, out_of_row, NB0, WARPS)
+        rem = kk - above
+        # digit 2: the next D1 bits of the keys whose top D0 bits are c0 (matched as key ^ the
+        # prefix below 2^(32 - D0): no second copy of the top digits held in registers)
+        d1 = ((key >> D2) & (NB1 - 1)).to(gl.int32)
+        in0 = (key ^ (c0.to(gl.uint32, bitcast=True) << (32 - D0))) < (1 << (32 - D0))
+        _count_digits(gl.where(in0, NB0 + d1, trash))
+        _barrier_gl()
+        c1, above = _pick_bin(bins_s.slice(NB0, NB1), rem, gl.where(c0 == 0, out_of_row, 0),
+                              NB1, WARPS)
+        rem = rem - above
+        # digit 3: the low D2 bits of the keys whose top D0 + D1 bits are (c0, c1)
+        p01 = (c0 << D1) | c1
+        lo01 = p01.to(gl.uint32, bitcast=True) << D2  # the least key with digits (c0, c1)
+        d2 = (key & (NB2 - 1)).to(gl.int32)
+        _count_digits(gl.where((key ^ lo01) < (1 << D2), NB0 + NB1 + d2, trash))
+        _barrier_gl()
+        c2, above = _pick_bin(bins_s.slice(NB0 + NB1, NB2), rem,
+                              gl.where(p01 == 0, out_of_row, 0), NB2, WARPS)
+        rem = rem - above
+        # T, and kk - rem keys above it (rem = 0 and T all ones when kk = 0: nothing is taken)
+        thresh = lo01 | c2.to(gl.uint32, bitcast=True)
+        n_gt = kk - rem
+        bit = (1 << col).to(gl.uint32, bitcast=True)
+        gt_m = gl.reduce(gl.where(key > thresh, bit, 0), 1, _or)
+        eq_m = gl.reduce(gl.where(key == thresh, bit, 0), 1, _or)
+        cnt = _popc(gt_m) + (_popc(eq_m) << 16)
+        cnt2 = gl.convert_layout(gl.reshape(cnt, [WARPS, 32]), w2)
+        before = gl.reshape(_warp_rows_scan(cnt2, False, WARPS) - cnt2, [T])
+        before = gl.convert_layout(before, gl.SliceLayout(1, l2))
+        out = OUT + r.to(gl.int64) * stride_o
+        vals = VALS + r.to(gl.int64) * stride_o
+        may_inf = (thresh <= 0x00800000).to(gl.int32)  # -inf's key: a pick may be -inf
+        z = gl.zeros_like(before)
+        picks = [gt_m.to(gl.int32, bitcast=True), eq_m.to(gl.int32, bitcast=True),
+                 before & 0xFFFF, n_gt + (before >> 16), z + kk, tid * E, row + z, z + may_inf,
+                 out + z, vals + z]
+        if WITH_VALS:
+            gl.inline_asm_elementwise(_WRITE_PICKS_VALS_ASM, "=r,r,r,r,r,r,r,l,r,l,l", picks,
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise(_WRITE_PICKS_IDX_ASM, "=r,r,r,r,r,r,r,l,r,l,l", picks,
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        pad = gl.arange(0, KPAD, layout=pad_layout)
+        gl.store(out + pad, gl.full([KPAD], -1, gl.int32, pad_layout), mask=(pad >= kk) & (pad < k))
+        if WITH_VALS:
+            gl.store(vals + pad, gl.full([KPAD], float("-inf"), gl.float32, pad_layout),
+                     mask=(pad >= kk) & (pad < k))
+
+
 # keys a thread up to which the one-program-a-row select keeps them all in registers (the 2-D
 # kernel; H200, CUDA graphs, against the 1-D kernel with its reload: 64 x 32K 46.8 -> 38.6 us,
 # 1024 x 32K 376 -> 287, 1024 x 16K 168 -> 153; 1024 x 8K on 4 warps, 64 keys a thread, stays
@@ -290,15 +530,24 @@ if _GLUON:
 RESIDENT_2D_MAX_PER_THREAD = 32
 
 
-def resident(scores, lengths, out, vals, k, block, values, warps):
-    """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments: the
-    2-D kernel (no reload) up to ``RESIDENT_2D_MAX_PER_THREAD`` keys a thread, else the 1-D."""
+# the radix select's digit widths (the third is the rest of the 32 bits)
+RADIX_DIGITS = (11, 11)
+
+
+def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
+             digits=RADIX_DIGITS):
+    """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments:
+    ``radix``: the radix kernel; else the 2-D bisection kernel (no reload) up to
+    ``RESIDENT_2D_MAX_PER_THREAD`` keys a thread, the 1-D one above."""
+    args = (scores, lengths, out, vals, scores.stride(0), out.stride(0), scores.shape[1], k)
+    kw = dict(BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values,
+              WARPS=warps, num_warps=warps)
+    if radix:
+        _radix_kernel_gl[(scores.shape[0],)](*args, D0=digits[0], D1=digits[1], **kw)
+        return
     kernel = (_resident2d_kernel_gl if block // (32 * warps) <= RESIDENT_2D_MAX_PER_THREAD
               else _resident_kernel_gl)
-    kernel[(scores.shape[0],)](
-        scores, lengths, out, vals, scores.stride(0), out.stride(0), scores.shape[1], k,
-        BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values, WARPS=warps,
-        num_warps=warps)
+    kernel[(scores.shape[0],)](*args, **kw)
 
 
 def hi_hist(grid, scores, lengths, hist, length, hi_bits, chunk, split, window, warps, pdl=0):

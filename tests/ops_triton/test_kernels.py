@@ -237,14 +237,16 @@ def test_topk_rows_exact_sets_and_ties():
             assert torch.equal(K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, compact_impl=impl,
                                                  hist_impl=impl, warp_agg=True, hist_window=win,
                                                  scan_warps=warps).cpu(), got), (impl, warps, win)
-    # one program a row, the row in registers: the same output, positions and scores
-    for impl, warps in ((("triton", 16), ("gluon", None), ("gluon", 4), ("gluon", 32)) if ON_GPU
-                        else (("triton", None), ("triton", 1))):
+    # one program a row, the row in registers: the same output, positions and scores (on GPUs
+    # the bisection kernels and the radix one, at its fewest warps and at 32)
+    for impl, warps, radix in ((("triton", 16, None), ("gluon", None, False), ("gluon", 4, False),
+                                ("gluon", 32, False), ("gluon", None, True), ("gluon", 32, True))
+                               if ON_GPU else (("triton", None, None), ("triton", 1, None))):
         idx, vals = K.topk.topk_resident(s.to(DEV), lens.to(DEV), k, values=True,
-                                         num_warps=warps, impl=impl)
-        assert torch.equal(idx.cpu(), got), (impl, warps)
+                                         num_warps=warps, impl=impl, radix=radix)
+        assert torch.equal(idx.cpu(), got), (impl, warps, radix)
         assert torch.equal(vals.cpu(), torch.where(got >= 0, s.gather(1, got.clamp_min(0).long()),
-                                                   float("-inf"))), (impl, warps)
+                                                   float("-inf"))), (impl, warps, radix)
     assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), k).cpu(), got)  # the policy
     idx, vals = K.select_topk(s.to(DEV), lens.to(DEV), k, values=True, warp_agg=True)  # + scores
     assert torch.equal(idx.cpu(), got)
@@ -324,6 +326,14 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
     if not ON_GPU:
         with pytest.raises(ValueError, match="topk_resident: impl='gluon' needs a CUDA GPU"):
             K.topk.topk_resident(s, lens, 8, impl="gluon")
+        with pytest.raises(ValueError, match="topk_resident: radix=True is a Gluon kernel"):
+            K.topk.topk_resident(s, lens, 8, radix=True)
+    with pytest.raises(ValueError, match="topk_resident: radix=True is a Gluon kernel"):
+        K.topk.topk_resident(s, lens, 8, impl="triton", radix=True)
+    if ON_GPU:
+        with pytest.raises(ValueError, match="radix=True takes at most 32 keys a thread"):
+            K.topk.topk_resident(torch.randn(2, 8192, device=DEV), lens, 8, num_warps=4,
+                                 radix=True)
     with pytest.raises(ValueError, match="select_topk: resident=True takes no pass-1 hist"):
         K.select_topk(s, lens, 8, resident=True, hist=torch.zeros(2 << 12, dtype=torch.int32,
                                                                   device=DEV))
@@ -346,6 +356,11 @@ def test_topk_sweep():
         if length <= K.topk.RESIDENT_MAX:
             assert torch.equal(K.topk.topk_resident(s.to(DEV), lens.to(DEV), k).cpu(), got), \
                 (i, length, k)
+            if ON_GPU:  # both Gluon kernels, whichever is the default
+                for radix in (False, True):
+                    assert torch.equal(K.topk.topk_resident(s.to(DEV), lens.to(DEV), k,
+                                                            radix=radix).cpu(), got), \
+                        (i, length, k, radix)
         for r in range(2):
             want, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
