@@ -339,6 +339,40 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
                                                                   device=DEV))
 
 
+@pytest.mark.parametrize("kind", ["equal", "signed_zeros", "all_inf", "mostly_inf", "wide"])
+def test_topk_resident_edge_rows(kind):
+    """The one-program-a-row selects (on GPUs both Gluon kernels, the radix one at its fewest
+    warps and at 32) on degenerate rows against ``topk_rows``: every key equal, +0.0 / -0.0
+    only, all or most scores -inf, magnitudes over 2^+-40; rows of length 0, shorter than k and
+    full; NaN past a row's length; a width that is no power of two."""
+    g = _gen(sum(map(ord, kind)))
+    n, length, k = (6, 30000, 2048) if ON_GPU else (6, 700, 64)
+    s = torch.randn(n, length, generator=g)
+    if kind == "equal":
+        s = torch.full((n, length), 0.75)
+    elif kind == "signed_zeros":
+        s = torch.where(torch.rand(n, length, generator=g) < 0.5, 0.0, -0.0)
+    elif kind == "all_inf":
+        s = torch.full((n, length), float("-inf"))
+    elif kind == "mostly_inf":
+        s = s.masked_fill(torch.rand(n, length, generator=g) < 0.97, float("-inf"))
+    else:
+        s = s * torch.exp(20 * torch.rand(n, length, generator=g) - 10)
+    lens = torch.tensor([length, 0, k // 2, length - 1, 3 * k // 2, 1], dtype=torch.int32)
+    s[3, lens[3]:] = float("nan")
+    want = K.topk_rows(s.to(DEV), lens.to(DEV), k).cpu()
+    variants = ((None, None), (None, False), (None, True), (32, True)) if ON_GPU else ((None, None),)
+    for warps, radix in variants:
+        idx, vals = K.topk.topk_resident(s.to(DEV), lens.to(DEV), k, values=True,
+                                         num_warps=warps, radix=radix)
+        assert torch.equal(idx.cpu(), want), (kind, warps, radix)
+        assert torch.equal(vals.cpu(), torch.where(want >= 0, s.gather(1, want.clamp_min(0).long()),
+                                                   float("-inf"))), (kind, warps, radix)
+    for r in range(n):
+        ref_idx, _ = ref.select_topk(s[r:r + 1, :lens[r]], k)
+        assert sorted(want[r].tolist()) == sorted(ref_idx[0].tolist()), (kind, r)
+
+
 def test_topk_sweep():
     g = _gen(99)
     for i in range(SWEEP):
