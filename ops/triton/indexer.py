@@ -34,7 +34,15 @@ import triton.language as tl
 from dsa_ascend import paging
 
 from .pdl import grid_dep, launch_opts, pdl_level
-from .topk import HI_BITS, _sortable, default_hist_split, hist_workspace, resident_fits, select_topk
+from .topk import (
+    HI_BITS,
+    _sortable,
+    default_hist_split,
+    hist_workspace,
+    radix_serves,
+    resident_fits,
+    select_topk,
+)
 
 # Prefill chunks take the one-program-a-row select up to this key width. Their rows are causal,
 # half as long on average: the multi-program select's work follows a row's length, the other's
@@ -374,7 +382,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # short decode and two-token rows take the one-program-a-row select, which has no
         # first pass to fuse; prefill rows up to PREFILL_RESIDENT_MAX keys
         resident = ((block_m <= 2 or width <= PREFILL_RESIDENT_MAX)
-                    and fused_first_pass is not True and resident_fits(t1 - t0, width))
+                    and fused_first_pass is not True
+                    and resident_fits(t1 - t0, width, radix=radix_serves(q)))
         fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS and not resident
                 if fused_first_pass is None else fused_first_pass)
         hist = hist_workspace(t1 - t0, hi_bits, split, device, length=width) if fuse else None

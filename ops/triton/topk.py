@@ -125,10 +125,10 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 # block reduction a bit). One packed scan then ranks the keys > T and == T in
 # position order, as ``topk_rows`` writes them. No launch but one, no workspace, no atomics.
 RESIDENT_MAX = 32768
-# Whether ``topk_resident`` takes the radix kernel by default (``DSA_TOPK_RADIX`` overrides).
-# Off until it has run on a GPU: written and compiled offline for sm90 in session 16, when no
-# GPU could be had (BENCHMARKS.md).
-RADIX_DEFAULT = False
+# Whether ``topk_resident`` takes the Gluon radix kernel (``topk_sm90._radix_kernel_gl``) by
+# default; ``DSA_TOPK_RADIX=0/1`` overrides. H100, CUDA graphs, against the bisection kernel:
+# 1.4-2.0x at every size timed, 64 x 32K 40.4 -> 23.6 us (BENCHMARKS.md session 17).
+RADIX_DEFAULT = True
 
 
 @triton.jit
@@ -584,23 +584,48 @@ def topk_multi(scores: torch.Tensor, lengths: torch.Tensor, k: int, chunk: int |
     return (out, vals) if values else out
 
 
-def resident_fits(n_rows: int, length: int) -> bool:
+def radix_default() -> bool:
+    """Whether ``topk_resident`` takes the radix kernel when not told: ``RADIX_DEFAULT``, or
+    ``DSA_TOPK_RADIX=0/1``."""
+    return os.environ.get("DSA_TOPK_RADIX", "1" if RADIX_DEFAULT else "0") != "0"
+
+
+def radix_serves(t: torch.Tensor) -> bool:
+    """Whether ``topk_resident`` takes the radix kernel by default for scores on ``t``'s
+    device: the Gluon kernels run there and ``radix_default()``."""
+    return topk_sm90.available(t) and radix_default()
+
+
+def resident_fits(n_rows: int, length: int, radix: bool | None = None) -> bool:
     """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
-    keys: up to 8192 keys at any row count, up to 16384 from 32 rows, up to 32768 from 64 rows
-    (H200, CUDA graphs, against ``topk_multi``: 1.15-2.3x up to 16K (session 12); with the 2-D
-    Gluon kernel, 1.24x at 64 x 32K, 1.68x at 132 x 32K, 1.10x at 1024 x 32K, 1.26x at
-    1024 x 16K (session 13); 1 x 16K no faster, and 32 x 32K 1.02x slower alone and 1.16x slower
-    in the decode indexer step than the fused multi-program select, BENCHMARKS.md)."""
+    keys. ``radix``: whether the radix kernel serves (``radix_serves``; None:
+    ``radix_default()``). With it: every row of up to ``RESIDENT_MAX`` keys
+    (H100, CUDA graphs, against ``topk_multi``: 1.4-3.1x from 8 rows at 4K-32K, 1.55x at
+    1 x 16K, even at 1 x 32K; BENCHMARKS.md session 17). With the bisection kernels: up to 8192
+    keys at any row count, up to 16384 from 32 rows, up to 32768 from 64 rows (H200, against
+    ``topk_multi``: 1.15-2.3x up to 16K (session 12); with the 2-D Gluon kernel, 1.24x at
+    64 x 32K, 1.68x at 132 x 32K, 1.10x at 1024 x 32K, 1.26x at 1024 x 16K (session 13);
+    1 x 16K no faster, and 32 x 32K 1.02x slower alone and 1.16x slower in the decode indexer
+    step than the fused multi-program select)."""
+    if radix_default() if radix is None else radix:
+        return length <= RESIDENT_MAX
     return (length <= 8192 or (length <= 16384 and n_rows >= 32)
             or (length <= RESIDENT_MAX and n_rows >= 64))
 
 
-def resident_warps(n_rows: int, block: int) -> int:
-    """``topk_resident``'s default warps for a block of keys (H200, the Gluon kernel): 32 from
-    16K keys (16K: 1.09-1.11x over 16 warps; 32K: the same), 4 for 8K keys in more than 512 rows
-    (several programs an SM: 1024 x 8K 112.6 -> 97.9 us), else 256 keys a warp up to 16."""
+def resident_warps(n_rows: int, block: int, radix: bool = False) -> int:
+    """``topk_resident``'s default warps for a block of keys. The radix kernel (H100): 32 from
+    16K keys (at most 32 keys a thread), 16 for 4K keys and for 8K keys in 256 rows or more
+    (1024 x 8K 50.1 -> 46.6 us, 1024 x 4K 41.3 -> 35.2; 128 x 8K 13.2 on 32 against 13.9),
+    256 keys a warp below. The bisection kernels (H200): 32 from 16K keys (16K: 1.09-1.11x
+    over 16 warps; 32K: the same), 4 for 8K keys in more than 512 rows (several programs an
+    SM: 1024 x 8K 112.6 -> 97.9 us), else 256 keys a warp up to 16."""
     if block >= 16384:
         return 32
+    if radix:
+        if block == 8192:
+            return 16 if n_rows >= 256 else 32
+        return max(1, min(16, block // 256))
     if block == 8192 and n_rows > 512:
         return 4
     return max(1, min(16, block // 256))
@@ -614,8 +639,8 @@ def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: b
     two up to 32 (default ``resident_warps``). ``impl``: "gluon" (``topk_sm90``,
     GPUs only), "triton", or None (Gluon where it runs). ``radix`` (Gluon only): T by three
     shared-memory radix passes (``topk_sm90._radix_kernel_gl``) instead of 31 bisection steps;
-    None: ``RADIX_DEFAULT`` where it serves (at most 32 keys a thread), ``DSA_TOPK_RADIX=0/1``
-    overrides. ``values``: (positions, their scores), -inf where the position is -1."""
+    None: ``radix_default()`` where it serves (at most 32 keys a thread). ``values``:
+    (positions, their scores), -inf where the position is -1."""
     n, length = scores.shape
     if length > RESIDENT_MAX:
         raise ValueError(f"topk_resident: rows of at most {RESIDENT_MAX} keys, got {length}")
@@ -639,12 +664,16 @@ def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: b
         out.fill_(-1)
         return (out, vals.fill_(float("-inf"))) if values else out
     block = max(32, triton.next_power_of_2(length))
-    warps = num_warps or resident_warps(n, block)
+    gluon = impl == "gluon" or (impl is None and gluon_ok)
+    auto = radix is None
+    if auto:
+        radix = gluon and radix_default()
+    warps = num_warps or resident_warps(n, block, radix=radix)
     block = max(block, 32 * warps)  # at least one key a thread
-    if impl == "gluon" or (impl is None and gluon_ok):
+    if gluon:
         fits = block // (32 * warps) <= 32
-        if radix is None:
-            radix = fits and os.environ.get("DSA_TOPK_RADIX", "1" if RADIX_DEFAULT else "0") != "0"
+        if auto:  # the radix kernel where this many warps hold the row, else bisection
+            radix = radix and fits
         elif radix and not fits:
             raise ValueError(f"topk_resident: radix=True takes at most 32 keys a thread, got "
                              f"{block // (32 * warps)} ({block} keys on {warps} warps)")
@@ -675,7 +704,7 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: boo
     there are fewer candidates or rows: N(0, 1) scores 64 x 32K 5.7 -> 7.7 us, and the decode op
     at B=1 35.8 -> 37.1-39.4 us (BENCHMARKS.md session 11)."""
     if resident is None:
-        resident = hist is None and resident_fits(*scores.shape)
+        resident = hist is None and resident_fits(*scores.shape, radix=radix_serves(scores))
     if resident:
         if hist is not None:
             raise ValueError("select_topk: resident=True takes no pass-1 hist (it has no pass 1)")

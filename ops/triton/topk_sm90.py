@@ -440,6 +440,7 @@ if _GLUON:
         equal to T, one scan of their counts over the threads, then each thread writes its picks
         in a loop over the set bits (``_WRITE_PICKS_ASM``), the scores read back from the row."""
         D2: gl.constexpr = 32 - D0 - D1
+        gl.static_assert(D0 >= D1 and D1 >= D2 and D2 >= 1, "digit widths d0 >= d1 >= d2 >= 1")
         NB0: gl.constexpr = 1 << D0
         NB1: gl.constexpr = 1 << D1
         NB2: gl.constexpr = 1 << D2
@@ -543,7 +544,13 @@ def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
     kw = dict(BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values,
               WARPS=warps, num_warps=warps)
     if radix:
-        _radix_kernel_gl[(scores.shape[0],)](*args, D0=digits[0], D1=digits[1], **kw)
+        d0, d1 = digits
+        if not d0 >= d1 >= 32 - d0 - d1 >= 1:
+            # each digit's bins are a slice of one shared buffer at an offset that is a multiple
+            # of the slice's size (Gluon's rule), and the third digit holds the bits left
+            raise ValueError(f"topk_sm90.resident: digits must satisfy d0 >= d1 >= 32 - d0 - d1 "
+                             f">= 1, got {tuple(digits)}")
+        _radix_kernel_gl[(scores.shape[0],)](*args, D0=d0, D1=d1, **kw)
         return
     kernel = (_resident2d_kernel_gl if block // (32 * warps) <= RESIDENT_2D_MAX_PER_THREAD
               else _resident_kernel_gl)

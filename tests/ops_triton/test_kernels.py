@@ -330,6 +330,13 @@ def test_topk_multi_names_a_bad_digit_width_or_chunk():
             K.topk.topk_resident(s, lens, 8, radix=True)
     with pytest.raises(ValueError, match="topk_resident: radix=True is a Gluon kernel"):
         K.topk.topk_resident(s, lens, 8, impl="triton", radix=True)
+    if K.topk_sm90._GLUON:  # checked before the launch: on a CPU too
+        with pytest.raises(ValueError, match=r"digits must satisfy d0 >= d1 >= 32 - d0 - d1"):
+            K.topk_sm90.resident(s, lens, s, s, 8, 32, False, 1, radix=True, digits=(10, 12))
+    # the policy: every row of up to RESIDENT_MAX keys where the radix kernel serves
+    assert K.topk.resident_fits(1, 32768, radix=True)
+    assert not K.topk.resident_fits(1, 32768, radix=False)
+    assert not K.topk.resident_fits(1, 32769, radix=True)
     if ON_GPU:
         with pytest.raises(ValueError, match="radix=True takes at most 32 keys a thread"):
             K.topk.topk_resident(torch.randn(2, 8192, device=DEV), lens, 8, num_warps=4,
@@ -435,7 +442,7 @@ def test_indexer_topk_matches_reference(fp8, select, monkeypatch):
     """The op against the reference; ``multi``: the multi-program select wherever the default
     would take the one-program-a-row select (short rows: every row of these sizes)."""
     if select == "multi":
-        monkeypatch.setattr(K.indexer, "resident_fits", lambda n_rows, length: False)
+        monkeypatch.setattr(K.indexer, "resident_fits", lambda n_rows, length, radix=None: False)
     h = 64 if ON_GPU else 8
     q_lens, kv_lens = ([300, 1, 2], [4000, 1777, 2]) if ON_GPU else ([20, 1, 2], [60, 37, 2])
     topk = 2048 if ON_GPU else 16
