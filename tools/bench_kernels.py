@@ -193,8 +193,7 @@ def topk_short(rows, k=2048):
         gb = n * length * 4 / 1e6
         name = f"top-{k} of {length} x {n} rows"
         want = K.topk.topk_multi(s, lens, k)
-        # the radix kernel holds at most 32 keys a thread
-        rw = max(K.topk.resident_warps(n, length), length // 1024)
+        rw = K.topk.resident_warps(n, length, radix=True)
         assert torch.equal(K.topk.topk_resident(s, lens, k, radix=False), want), name
         assert torch.equal(K.topk.topk_resident(s, lens, k, radix=True, num_warps=rw), want), name
         for label, fn in (("multi-program", lambda: K.topk.topk_multi(s, lens, k)),

@@ -242,13 +242,12 @@ def topk_section(rows, n, length, k=2048):
     starts = torch.zeros(n, dtype=torch.int32, device=DEV)
     want = torch.topk(s, k, dim=-1).indices
     label = f"top-{k} of {length} x {n} rows"
-    rw = max(K.topk.resident_warps(n, length), length // 1024)  # radix: <= 32 keys a thread
     for name, fn in (("ours (select_topk)", lambda: K.select_topk(s, lens, k)),
                      ("ours (topk_multi)", lambda: K.topk.topk_multi(s, lens, k)),
                      ("ours (topk_resident)", lambda: K.topk.topk_resident(s, lens, k))
                      if length <= K.topk.RESIDENT_MAX else (None, None),
-                     ("ours (topk_resident, radix)",
-                      lambda: K.topk.topk_resident(s, lens, k, radix=True, num_warps=rw))
+                     ("ours (topk_resident, bisection)",
+                      lambda: K.topk.topk_resident(s, lens, k, radix=False))
                      if length <= K.topk.RESIDENT_MAX else (None, None),
                      ("peer (tl_topk)", lambda: tk.tl_topk(s, starts, lens, k))):
         if fn is None:
