@@ -127,7 +127,7 @@ def _topk_kernel(S, LEN, OUT, stride_s, stride_o, k, BLOCK: tl.constexpr, BYTE_D
 RESIDENT_MAX = 32768
 # Whether ``topk_resident`` takes the Gluon radix kernel (``topk_sm90._radix_kernel_gl``) by
 # default; ``DSA_TOPK_RADIX=0/1`` overrides. H100, CUDA graphs, against the bisection kernel:
-# 1.4-2.0x at every size timed, 64 x 32K 40.4 -> 23.6 us (BENCHMARKS.md session 17).
+# 1.4-2.2x at every size timed, 64 x 32K 40.4 -> 23.6 us (BENCHMARKS.md session 17).
 RADIX_DEFAULT = True
 
 
@@ -600,7 +600,7 @@ def resident_fits(n_rows: int, length: int, radix: bool | None = None) -> bool:
     """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
     keys. ``radix``: whether the radix kernel serves (``radix_serves``; None:
     ``radix_default()``). With it: every row of up to ``RESIDENT_MAX`` keys
-    (H100, CUDA graphs, against ``topk_multi``: 1.4-3.1x from 8 rows at 4K-32K, 1.55x at
+    (H100, CUDA graphs, against ``topk_multi``: 1.2-3.1x from 8 rows at 4K-32K, 1.55x at
     1 x 16K, even at 1 x 32K; BENCHMARKS.md session 17). With the bisection kernels: up to 8192
     keys at any row count, up to 16384 from 32 rows, up to 32768 from 64 rows (H200, against
     ``topk_multi``: 1.15-2.3x up to 16K (session 12); with the 2-D Gluon kernel, 1.24x at
