@@ -121,14 +121,11 @@ def presets() -> dict:
         "topk_resident_gluon": _preset(K.topk_sm90._resident2d_kernel_gl, topk_types,
                                        dict(BLOCK=32768, KPAD=2048, WITH_VALS=False, WARPS=32),
                                        32, divisible=topk_div),
-        "topk_radix_gluon": _preset(K.topk_sm90._radix_kernel_gl, topk_types,
-                                    dict(BLOCK=32768, KPAD=2048, WITH_VALS=True, WARPS=32,
-                                         D0=11, D1=11), 32, divisible=topk_div,
-                                    smem_base=True),
-        "topk_radix_gluon_idx": _preset(K.topk_sm90._radix_kernel_gl, topk_types,
-                                        dict(BLOCK=32768, KPAD=2048, WITH_VALS=False, WARPS=32,
-                                             D0=11, D1=11), 32, divisible=topk_div,
-                                        smem_base=True),
+        **{f"topk_radix_gluon{suffix}": _preset(
+            K.topk_sm90._radix_kernel_gl, topk_types,
+            dict(BLOCK=32768, KPAD=2048, WITH_VALS=vals, WARPS=32, D0=11, D1=11), 32,
+            divisible=topk_div, smem_base=True)
+           for suffix, vals in (("", True), ("_idx", False))},
         # the 1-D form, with its reload, for more than 32 keys a thread (8K keys on 4 warps)
         "topk_resident_gluon_1d": _preset(K.topk_sm90._resident_kernel_gl, topk_types,
                                           dict(BLOCK=8192, KPAD=2048, WITH_VALS=False, WARPS=4),
