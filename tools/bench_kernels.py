@@ -12,6 +12,7 @@ keys, h=128, topk=2048; FP8 indexer logits 4096 x 8192 with 64 heads x 128; top-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -307,13 +308,38 @@ def _decode_rows(rows, name, q, cache, idx, table, rows_, flops, peak, bw):
     entry_bytes = cache.shape[-1] * cache.element_size()
     nbytes = idx.numel() * entry_bytes + q.numel() * 2 + b * h * 512 * 2 + idx.numel() * 4
     floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
-    for impl in (("sm90", "triton") if K.sparse_mla.sparse_mla_sm90.available(q, cache) else ("triton",)):
-        for splits in (None, 2):
+    sm90 = K.sparse_mla.sparse_mla_sm90
+    impls = [("sm90", "0"), ("triton", "0")] if sm90.available(q, cache) else [("triton", "0")]
+    if impls[0][0] == "sm90" and cache.dtype == torch.uint8:
+        impls.insert(1, ("sm90", "1"))  # the cluster pair, checked bit for bit against the solo CTAs
+    for splits in (None, 2):
+        want = None
+        for impl, pair in impls:
             fn = lambda: K.sparse_mla_fwd(q, cache, idx, table, rows_, 576 ** -0.5, 512,  # noqa: E731
                                           num_splits=splits, impl=impl)
-            ms = bench(graph_replay(fn))  # see decode_sweep: graphs time the kernels alone
-            rows.append(dict(name=f"{name} {impl} splits={splits}, CUDA graph", ms=ms, tflops=flops / ms / 1e9,
-                             gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
+            with _env(sm90.PAIR_ENV, pair):
+                if impl == "sm90":
+                    got = fn()
+                    want = got if want is None else want
+                    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (name, pair)
+                ms = bench(graph_replay(fn))  # see decode_sweep: graphs time the kernels alone
+            label = impl + (" cluster pair" if pair == "1" else "")
+            rows.append(dict(name=f"{name} {label} splits={splits}, CUDA graph", ms=ms,
+                             tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6, pct_roofline=100 * floor / ms))
+
+
+@contextlib.contextmanager
+def _env(key, value):
+    """``key`` set to ``value`` for a ``with`` block (the launchers read their switches per call)."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def decode_sweep(rows, peak, bw, ctx=32768, h=128, topk=2048):

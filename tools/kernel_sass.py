@@ -44,13 +44,16 @@ K = kernels()
 
 
 def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnreg=None,
-            smem_base=False):
+            smem_base=False, smem_offsets=None):
     """A kernel, the types of its runtime arguments (the rest are constexprs), its constexprs,
     launch options, and the arguments known to be multiples of 16 (all pointers always are).
     ``smem_base``: the kernel's inline PTX addresses its first shared-memory allocation as
-    offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``)."""
+    offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``).
+    ``smem_offsets``: {constexpr: allocation name} that the kernel's inline PTX addresses; they are
+    set from a first compile's allocation (``sparse_mla_sm90.smem_offsets``), as its launcher does."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
-                num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base)
+                num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base,
+                smem_offsets=smem_offsets)
 
 
 def first_store_at_smem_base(ptx: str) -> bool:
@@ -86,6 +89,8 @@ def presets() -> dict:
     mla_div = ("stride_qt", "stride_qh", "stride_os", "stride_ot", "stride_oh", "stride_ls",
                "stride_lt")
     mla = dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64, IEEE=False)
+    sm90 = dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64, PAIR=False, K_OFF=0, READY_OFF=0,
+                FREE_OFF=0)
     return {
         # prefill: runs of PREFILL_BLOCK_M tokens, 64-key FP8 tiles (indexer_topk's defaults)
         "indexer_prefill": _preset(
@@ -139,14 +144,18 @@ def presets() -> dict:
                                          dict(mla, KV_FP8=True, ROW_WIDTH=656), 8, 2, mla_div),
         # the warp-specialized Gluon kernel (decode and prefill), bf16 and FP8 caches
         "sparse_mla_sm90": _preset(K.sparse_mla_sm90._sparse_mla_fwd_sm90, mla_types,
-                                   dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64,
-                                        ROW_WIDTH=576, KV_FP8=False), 4, 1, mla_div,
+                                   dict(sm90, ROW_WIDTH=576, KV_FP8=False), 4, 1, mla_div,
                                    maxnreg=K.sparse_mla_sm90.KERNEL_REGS),
         "sparse_mla_sm90_fp8": _preset(K.sparse_mla_sm90._sparse_mla_fwd_sm90,
                                        dict(mla_types, KV="*u8"),
-                                       dict(D_NOPE=512, D_ROPE=64, BLOCK_H=64, BLOCK_K=64,
-                                            ROW_WIDTH=656, KV_FP8=True), 4, 1, mla_div,
+                                       dict(sm90, ROW_WIDTH=656, KV_FP8=True), 4, 1, mla_div,
                                        maxnreg=K.sparse_mla_sm90.KERNEL_REGS),
+        # the FP8 cache as a cluster pair (two head blocks of a token share the dequantization)
+        "sparse_mla_sm90_fp8_pair": _preset(K.sparse_mla_sm90._sparse_mla_fwd_sm90,
+                                            dict(mla_types, KV="*u8"),
+                                            dict(sm90, ROW_WIDTH=656, KV_FP8=True, PAIR=True), 4, 1,
+                                            mla_div, maxnreg=K.sparse_mla_sm90.KERNEL_REGS,
+                                            smem_offsets=K.sparse_mla_sm90.PAIR_ALLOCS),
         # the MLA cache write (512 latent + 64 rope): into 656-byte FP8 entries, into bf16 rows
         **{f"kv_store_{name}": _preset(
             K.kv_store._store_kv_kernel,
@@ -191,10 +200,20 @@ def compile_sm90(p: dict):
     source = ASTSource
     if _GluonJIT is not None and isinstance(fn, _GluonJIT):
         source = GluonASTSource
-    src = source(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"],
-                                       **({"maxnreg": p["maxnreg"]} if p.get("maxnreg") else {})))
+    options = dict(num_warps=p["num_warps"], num_stages=p["num_stages"],
+                   **({"maxnreg": p["maxnreg"]} if p.get("maxnreg") else {}))
+    kernel = triton.compile(source(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    if not p.get("smem_offsets"):
+        return kernel
+    found = K.sparse_mla_sm90.smem_offsets(kernel)
+    consts = dict(p["constexprs"], **{c: found[n] for c, n in p["smem_offsets"].items()})
+    kernel = triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    again = K.sparse_mla_sm90.smem_offsets(kernel)
+    if any(again[n] != consts[c] for c, n in p["smem_offsets"].items()):
+        raise RuntimeError(f"kernel_sass: {fn.__name__}: the allocation moved between compiles")
+    return kernel
 
 
 def _cuobjdump(kernel, flag: str) -> str:
@@ -238,7 +257,11 @@ def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                wgmma_waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
                instructions=len(_INSTR.findall(sass)), loops=loops(sass),
-               smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None)
+               smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None,
+               smem_offsets=None)
+    if p.get("smem_offsets"):
+        found = K.sparse_mla_sm90.smem_offsets(kernel)
+        row["smem_offsets"] = {n: found[n] for n in p["smem_offsets"].values()}
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)
         with open(os.path.join(sass_dir, f"{name}.sass"), "w") as f:
@@ -266,6 +289,9 @@ def main(argv=None):
         print(f"{name} ({r['kernel']}): {r['registers']} registers, {r['stack_bytes']} B stack "
               f"(spills), {r['shared_bytes']} B shared, {r['warps']} warps, {r['stages']} stages, "
               f"{r['instructions']} instructions, wgmma {r['wgmma']} (waits {r['wgmma_waits']})")
+        if r["smem_offsets"]:
+            print("  inline PTX addresses (global_smem + offset): "
+                  + ", ".join(f"{n} {o}" for n, o in r["smem_offsets"].items()))
         if r["smem_base"] is not None:
             print(f"  first allocation at global_smem + 0: {'yes' if r['smem_base'] else 'NO'}")
             if not r["smem_base"]:

@@ -37,10 +37,21 @@ consumers are unchanged; there the L2 prefetch pays (1.03x). H200, B=64 / 128 at
 0.248 ms against 0.201 / 0.387 for the Triton kernel; the producer binds (BENCHMARKS.md
 session 13).
 
+The cluster pair (``DSA_MLA_PAIR=1``, FP8 cache, an even number of 64-head blocks a token): the
+two CTAs of a token run as one cluster, and each producer dequantizes half of every tile's rows
+and bulk-copies them into the partner's tile (DSMEM), so a CTA loads and converts half as much.
+Bit-identical to solo CTAs by construction (every row is dequantized once, the same way).
+Written in session 18 without a GPU: it compiles for sm90 (no spills; the solo kernels' SASS is
+unchanged), but has not run yet, so it is opt-in until it is checked and timed on one.
+
 Gluon has no interpreter: on a CPU the Triton kernel runs; ``available()`` says whether this one can.
 """
 
 from __future__ import annotations
+
+import os
+import re
+import tempfile
 
 import torch
 
@@ -119,6 +130,83 @@ if _GLUON:
         offs = kb + gl.arange(0, BLOCK_K, layout=layout)
         return gl.load(slot_base + offs, mask=offs < k_hi, other=-1) >= 0
 
+    # ---- the cluster pair (``PAIR``: the FP8 cache, an even number of 64-head blocks a token) ----
+    # The two CTAs of a cluster take the two head blocks of one token, so they gather the same
+    # rows. Each producer dequantizes half of every tile's rows (rank 0 the first 32, rank 1 the
+    # last 32), stores them in its own tile and bulk-copies them into the partner's, completing
+    # on the partner's ready barrier: half the loads and conversions a CTA (FlashMLA's split for
+    # its FP8 decode). A producer refills a half tile once the consumers of both CTAs have freed
+    # it (its free barriers count two arrivals, one remote). Gluon 3.6 has no cluster API, so the
+    # remote operations are inline PTX on offsets into ``global_smem`` (K_OFF, READY_OFF,
+    # FREE_OFF: the k_nope_s, k_ready and k_free allocations), which ``launch`` takes from
+    # Triton's own allocator (``smem_offsets``) and checks on every compiled kernel. They reach
+    # the partitions as runtime values: warp_specialize passes its arguments so, constexprs
+    # included, which is also why PAIR is bound by the entry functions (``_wg0_solo`` ...).
+    _ONE_A_THREAD = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
+    _CLUSTER_SYNC_ASM = gl.constexpr(
+        "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
+    _MBARRIER_INIT_FENCE_ASM = gl.constexpr("fence.mbarrier_init.release.cluster; mov.b32 $0, 0;")
+
+    @gluon.jit
+    def _per_thread_asm(asm: gl.constexpr):
+        """``asm`` once in every thread of a 4-warp partition, with its index in the partition
+        as $1."""
+        tid = gl.arange(0, 128, layout=_ONE_A_THREAD)
+        gl.inline_asm_elementwise(asm, "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _thread0_asm(asm: gl.constexpr, a, b):
+        """``asm`` in every thread of a 4-warp partition with its index as $1 (the asm acts in
+        thread 0) and the scalars ``a``, ``b`` as $2, $3."""
+        tid = gl.arange(0, 128, layout=_ONE_A_THREAD)
+        gl.inline_asm_elementwise(asm, "=r,r,r,r", [tid, a, b], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _cluster_sync():
+        """Every thread of both CTAs is here (released and acquired at cluster scope): before
+        the first remote operation, and before a CTA may exit while the partner can still
+        reach its shared memory."""
+        _per_thread_asm(_CLUSTER_SYNC_ASM)
+
+    # thread 0 ($1 == 0): arrive on the partner CTA's mbarrier at global_smem + $2
+    _REMOTE_ARRIVE_ASM = gl.constexpr(
+        "{ .reg .b32 a, r; .reg .pred p; setp.eq.s32 p, $1, 0; "
+        "mov.u32 r, %cluster_ctarank; xor.b32 r, r, 1; "
+        "mov.u32 a, global_smem; add.u32 a, a, $2; mapa.shared::cluster.u32 a, a, r; "
+        "@p mbarrier.arrive.shared::cluster.b64 _, [a]; mov.b32 $0, 0; }")
+
+    @gluon.constexpr_function
+    def _push_asm(i, row0, rows, block_k, d_nope):
+        """Thread 0 ($1 == 0): bulk-copy this CTA's rows [row0, row0 + rows) of half tile ``i``
+        (buffer i // 2; latent columns 0-255 for even i, 256-511 for odd) of k_nope_s (at
+        global_smem + $2) into the same place in the partner CTA, completing on the partner's
+        ready barrier ``i`` (k_ready at global_smem + $3). In the 128-byte swizzled tile a
+        64-column block holds its rows at 128 bytes each (the swizzle permutes 16-byte units
+        inside a row, by the row index mod 8, which a 32-row offset keeps), so a block's run of
+        rows is one contiguous range."""
+        blocks = d_nope // 2 // 64
+        lines = ["{ .reg .b32 base, peer, m, s, d; .reg .pred p; setp.eq.s32 p, $1, 0;",
+                 "mov.u32 peer, %cluster_ctarank; xor.b32 peer, peer, 1;",
+                 "mov.u32 base, global_smem;",
+                 f"add.u32 m, base, $3; add.u32 m, m, {8 * i}; mapa.shared::cluster.u32 m, m, peer;"]
+        for cb in range((i % 2) * blocks, (i % 2 + 1) * blocks):
+            off = (i // 2) * block_k * d_nope * 2 + cb * block_k * 128 + row0 * 128
+            lines.append(f"add.u32 s, base, $2; add.u32 s, s, {off}; "
+                         "mapa.shared::cluster.u32 d, s, peer; "
+                         "@p cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes"
+                         f" [d], [s], {rows * 128}, [m];")
+        lines.append("mov.b32 $0, 0; }")
+        return " ".join(lines)
+
+    @gluon.jit
+    def _release(k_free, i: gl.constexpr, PAIR: gl.constexpr, free_off):
+        """A consumer is done with half tile ``i``: its producer, and in a pair the partner's
+        (which writes half of this tile's rows), may refill it."""
+        _signal(k_free.index(i))
+        if PAIR:
+            _thread0_asm(_REMOTE_ARRIVE_ASM, free_off + 8 * i, 0)
+
     @gluon.jit
     def _online_softmax(s, valid, m_ref, m_own, l_i, acc, scale_log2, o_layout: gl.constexpr):
         s = gl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -142,7 +230,8 @@ if _GLUON:
 
     @gluon.jit
     def _wg0_pair(s, valid, j, acc, m_i, l_i, scale_log2, k0, s0_s, m_s, k_free, xbar,
-                  o_layout: gl.constexpr, p_layout: gl.constexpr):
+                  o_layout: gl.constexpr, p_layout: gl.constexpr, PAIR: gl.constexpr,
+                  free_off):
         """Warpgroup 0's part of tile pair j up to P1 V1: softmax of S0 against its last max,
         O += P0 V0[:, :256], then P0 and O rebased onto the pair's max (set by warpgroup 1)."""
         HALF: gl.constexpr = k0.shape[1] // 2
@@ -154,7 +243,7 @@ if _GLUON:
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), k0.slice(0, HALF, 1), acc,
                             is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _signal(k_free.index(0))
+        _release(k_free, 0, PAIR, free_off)
         mbarrier.wait(xbar.index(1), phase)
         m1 = m_s.load(m_new.type.layout)
         corr = gl.exp2(m_new - m1)
@@ -167,10 +256,11 @@ if _GLUON:
         return acc, m1, l_i
 
     @gluon.jit
-    def _wg0(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
-             q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
-             slot_s, KV, ROW_WIDTH):
+    def _wg0(ctx, PAIR: gl.constexpr):
         """Warpgroup 0: S for the even tiles, O[:, :256]; the first of each tile pair's softmax."""
+        (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+         q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+         slot_s, KV, ROW_WIDTH, k_off, ready_off, free_off) = ctx
         BLOCK_H: gl.constexpr = q_nope_s.shape[1]
         D_NOPE: gl.constexpr = q_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
@@ -181,6 +271,8 @@ if _GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
         acc, m_i, l_i, s_zero = _consumer_state(BLOCK_H, HALF, BLOCK_K, s_layout, o_layout)
+        if PAIR:
+            _cluster_sync()
         z = rounds >> 30
         k0 = k_nope_s.index(z)
         q_rope = q_rope_s.index(z)
@@ -205,7 +297,7 @@ if _GLUON:
             qL = q_nope_s.index(z).slice(0, HALF, 1)
             qR = q_nope_s.index(z).slice(HALF, HALF, 1)
             acc, m_i, l_i = _wg0_pair(s, valid, j, acc, m_i, l_i, scale_log2, k0, s0_s, m_s, k_free,
-                                      xbar, o_layout, p_layout)
+                                      xbar, o_layout, p_layout, PAIR, free_off)
             acc = warpgroup_mma(s1_s.index(z), k1.slice(0, HALF, 1), acc, is_async=True)
             valid = _valid(SLOT, slot_base, k_lo + 2 * (j + 1) * BLOCK_K, k_hi, BLOCK_K,
                            gl.SliceLayout(0, s_layout))
@@ -214,28 +306,32 @@ if _GLUON:
             s = warpgroup_mma(qL, k0.slice(0, HALF, 1).permute((1, 0)), s_zero, use_acc=False,
                               is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            _signal(k_free.index(2))
+            _release(k_free, 2, PAIR, free_off)
             _acquire(k_ready.index(1), (j & 1) ^ 1)
             s = warpgroup_mma(qR, k0.slice(HALF, HALF, 1).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma(q_rope, k_rope_s.index(z).permute((1, 0)), s, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         z = rounds >> 30
         acc, m_i, l_i = _wg0_pair(s, valid, rounds - 1, acc, m_i, l_i, scale_log2, k_nope_s.index(z),
-                                  k_rope_s.index(z), m_s, k_free, xbar, o_layout, p_layout)
+                                  k_rope_s.index(z), m_s, k_free, xbar, o_layout, p_layout, PAIR,
+                                  free_off)
         acc = warpgroup_mma(s1_s.index(z), k_nope_s.index(z + 1).slice(0, HALF, 1), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        _signal(k_free.index(2))
+        _release(k_free, 2, PAIR, free_off)
         l_s.slice(0 * BLOCK_H, BLOCK_H).store(l_i)
         _signal(xbar.index(4))
         mbarrier.wait(xbar.index(5), 0)
         l_tot = l_i + l_s.slice(1 * BLOCK_H, BLOCK_H).load(row_s)
         _store_out(acc, l_tot, OUT, o_base, h0, H, stride_oh, 0, HALF, o_layout)
+        if PAIR:
+            _cluster_sync()
 
     @gluon.jit
-    def _wg1(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
-             q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
-             slot_s, KV, ROW_WIDTH):
+    def _wg1(ctx, PAIR: gl.constexpr):
         """Warpgroup 1: S for the odd tiles, O[:, 256:]; the second softmax of each pair sets the max."""
+        (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+         q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+         slot_s, KV, ROW_WIDTH, k_off, ready_off, free_off) = ctx
         BLOCK_H: gl.constexpr = q_nope_s.shape[1]
         D_NOPE: gl.constexpr = q_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
@@ -247,6 +343,8 @@ if _GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
         acc, m_i, l_i, s_zero = _consumer_state(BLOCK_H, HALF, BLOCK_K, s_layout, o_layout)
+        if PAIR:
+            _cluster_sync()
         _acquire(xbar.index(6), 0)  # the queries
         for j in range(rounds):
             phase = j & 1
@@ -280,9 +378,9 @@ if _GLUON:
             fence_async_shared()
             _signal(xbar.index(3))
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            _signal(k_free.index(3))
+            _release(k_free, 3, PAIR, free_off)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            _signal(k_free.index(1))
+            _release(k_free, 1, PAIR, free_off)
         l_s.slice(1 * BLOCK_H, BLOCK_H).store(l_i)
         _signal(xbar.index(5))
         mbarrier.wait(xbar.index(4), 0)
@@ -292,6 +390,8 @@ if _GLUON:
         l_safe = gl.where(l_tot == 0.0, 1.0, l_tot)
         lse = gl.where(l_tot == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         gl.store(LSE + l_base + h_l, lse, mask=h_l < H)
+        if PAIR:
+            _cluster_sync()
 
     @gluon.jit
     def _copy_rows(KV, rows_s, dst, col0, ROW_WIDTH, WIDTH: gl.constexpr, layout: gl.constexpr):
@@ -302,13 +402,14 @@ if _GLUON:
         _async_load(dst, row[:, None] + cols[None, :], mask=ok[:, None], eviction_policy="evict_last")
 
     @gluon.jit
-    def _producer(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
-                  q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
-                  slot_s, KV, ROW_WIDTH):
+    def _producer(ctx):
         """Four warps gathering the selected cache rows with cp.async, in the order they are used:
         K0 left, K1 right (+ rope), K0 right (+ rope), K1 left; each completes on its mbarrier.
         A round's 128 cache rows are fetched one round ahead (one per thread) and staged through
         shared memory, so no global-load latency sits between a buffer's release and its refill."""
+        (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+         q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+         slot_s, KV, ROW_WIDTH, k_off, ready_off, free_off) = ctx
         D_NOPE: gl.constexpr = k_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
         HALF: gl.constexpr = D_NOPE // 2
@@ -381,33 +482,45 @@ if _GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
-    def _producer_fp8(SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi,
-                      scale_log2, q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready,
-                      k_free, xbar, slot_s, KV, ROW_WIDTH):
-        """The FP8 cache's producer: the same four half tiles in the same order as ``_producer``,
-        but the FP8 latent goes through registers, in 128-channel chunks (8 KB, one scale tile),
-        two in flight: a chunk is scaled to bf16 and stored once its buffer is free, and the next
-        chunk's load is issued behind each store (1.05x over loading a whole half, then storing
-        it: H200, B=64 / 128, BENCHMARKS.md session 13). The rope rows (bf16 in the entry) still
-        go by cp.async. A half's barrier completes on one arrival after the stores plus, for the
-        right halves, one cp.async arrival a thread."""
+    def _fp8_ready(k_ready, i: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
+                   PAIR: gl.constexpr, k_off, ready_off, BLOCK_K: gl.constexpr,
+                   D_NOPE: gl.constexpr):
+        """This producer's rows of half tile ``i`` are stored; in a pair they go to the partner
+        too, and the ready barrier's arrival also expects the partner's rows (bytes that may
+        land before or after it: the barrier's transaction count may go below zero)."""
+        fence_async_shared()  # generic-proxy stores, read by wgmma and the bulk copy (async proxy)
+        if PAIR:
+            _barrier()
+            _thread0_asm(_push_asm(i, ROW0, ROWS, BLOCK_K, D_NOPE), k_off, ready_off)
+            # the partner's rows: BLOCK_K - ROWS of them, D_NOPE // 2 bf16 columns
+            mbarrier.expect(k_ready.index(i), (BLOCK_K - ROWS) * (D_NOPE // 2) * 2)
+        else:
+            _signal(k_ready.index(i))
+
+    @gluon.jit
+    def _fp8_rounds(slot_base, k_lo, k_hi, k_nope_s, k_rope_s, k_ready, k_free, slot_s, KV,
+                    ROW_WIDTH, ROW0: gl.constexpr, ROWS: gl.constexpr, PAIR: gl.constexpr,
+                    k_off, ready_off):
+        """The FP8 producer's loop over rows [ROW0, ROW0 + ROWS) of every tile (all 64 alone,
+        one half in a pair)."""
         D_NOPE: gl.constexpr = k_nope_s.shape[2]
         BLOCK_K: gl.constexpr = k_nope_s.shape[1]
         HALF: gl.constexpr = D_NOPE // 2
         D_ROPE: gl.constexpr = k_rope_s.shape[2]
         ROPE_COL: gl.constexpr = (D_NOPE + 4 * (D_NOPE // 128)) // 2  # in bf16 units
         gl.static_assert(D_NOPE == 512, "two 128-channel scale tiles a half; 528-byte prefetches")
-        # a thread loads 16 bytes of 4 rows in each 128-channel tile
+        # a thread loads 16 bytes of ROWS / 16 rows in each 128-channel tile
         ld8: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         ld_r: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D_ROPE // 8), D_ROPE // 8], [4, 1], [1, 0])
         one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         KV16 = KV.to(gl.pointer_type(gl.bfloat16), bitcast=True)
-        k0 = k_nope_s.index(0)
-        k1 = k_nope_s.index(1)
-        rows0 = slot_s.slice(0, BLOCK_K)
-        rows1 = slot_s.slice(BLOCK_K, BLOCK_K)
+        k0 = k_nope_s.index(0).slice(ROW0, ROWS, 0)
+        k1 = k_nope_s.index(1).slice(ROW0, ROWS, 0)
+        rows0 = slot_s.slice(ROW0, ROWS)
+        rows1 = slot_s.slice(BLOCK_K + ROW0, ROWS)
         rounds = gl.cdiv(gl.cdiv(k_hi - k_lo, BLOCK_K), 2)
-        offs = k_lo + gl.arange(0, 2 * BLOCK_K, layout=one)
+        lane = gl.arange(0, 2 * BLOCK_K, layout=one)
+        offs = k_lo + lane
         cur = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
         offs += 2 * BLOCK_K
         nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
@@ -417,7 +530,11 @@ if _GLUON:
             slot_s.store(cur)
             _barrier()
             cur = nxt
-            _prefetch_rows(KV, cur, ROW_WIDTH)  # the next round's rows
+            if PAIR:  # the next round's rows this CTA loads
+                mine = (lane % BLOCK_K >= ROW0) & (lane % BLOCK_K < ROW0 + ROWS)
+                _prefetch_rows(KV, gl.where(mine, cur, -1), ROW_WIDTH)
+            else:
+                _prefetch_rows(KV, cur, ROW_WIDTH)
             offs += 2 * BLOCK_K
             nxt = gl.load(slot_base + offs, mask=offs < k_hi, other=-1)
             # 128-channel chunks, two in flight: each chunk's store is followed by the next
@@ -429,31 +546,82 @@ if _GLUON:
             a, sa = _load_fp8_chunk(KV, rows1, HALF, ROW_WIDTH, D_NOPE, ld8)
             _store_fp8_chunk(k0.slice(128, 128, 1), b, sb)
             b, sb = _load_fp8_chunk(KV, rows1, HALF + 128, ROW_WIDTH, D_NOPE, ld8)
-            fence_async_shared()
-            _signal(k_ready.index(0))
+            _fp8_ready(k_ready, 0, ROW0, ROWS, PAIR, k_off, ready_off, BLOCK_K, D_NOPE)
             mbarrier.wait(k_free.index(3), phase)
-            _copy_rows(KV16, rows1, k_rope_s.index(1), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
+            _copy_rows(KV16, slot_s.slice(BLOCK_K, BLOCK_K), k_rope_s.index(1), ROPE_COL,
+                       ROW_WIDTH // 2, D_ROPE, ld_r)
             async_copy.mbarrier_arrive(k_ready.index(3), increment_count=False)
             _store_fp8_chunk(k1.slice(HALF, 128, 1), a, sa)
             a, sa = _load_fp8_chunk(KV, rows0, HALF, ROW_WIDTH, D_NOPE, ld8)
             _store_fp8_chunk(k1.slice(HALF + 128, 128, 1), b, sb)
             b, sb = _load_fp8_chunk(KV, rows0, HALF + 128, ROW_WIDTH, D_NOPE, ld8)
-            fence_async_shared()
-            _signal(k_ready.index(3))
+            _fp8_ready(k_ready, 3, ROW0, ROWS, PAIR, k_off, ready_off, BLOCK_K, D_NOPE)
             mbarrier.wait(k_free.index(1), phase)
-            _copy_rows(KV16, rows0, k_rope_s.index(0), ROPE_COL, ROW_WIDTH // 2, D_ROPE, ld_r)
+            _copy_rows(KV16, slot_s.slice(0, BLOCK_K), k_rope_s.index(0), ROPE_COL,
+                       ROW_WIDTH // 2, D_ROPE, ld_r)
             async_copy.mbarrier_arrive(k_ready.index(1), increment_count=False)
             _store_fp8_chunk(k0.slice(HALF, 128, 1), a, sa)
             a, sa = _load_fp8_chunk(KV, rows1, 0, ROW_WIDTH, D_NOPE, ld8)
             _store_fp8_chunk(k0.slice(HALF + 128, 128, 1), b, sb)
             b, sb = _load_fp8_chunk(KV, rows1, 128, ROW_WIDTH, D_NOPE, ld8)
-            fence_async_shared()
-            _signal(k_ready.index(1))
+            _fp8_ready(k_ready, 1, ROW0, ROWS, PAIR, k_off, ready_off, BLOCK_K, D_NOPE)
             mbarrier.wait(k_free.index(2), phase)
             _store_fp8_chunk(k1.slice(0, 128, 1), a, sa)
             _store_fp8_chunk(k1.slice(128, 128, 1), b, sb)
-            fence_async_shared()
-            _signal(k_ready.index(2))
+            _fp8_ready(k_ready, 2, ROW0, ROWS, PAIR, k_off, ready_off, BLOCK_K, D_NOPE)
+
+    @gluon.jit
+    def _producer_fp8(ctx, PAIR: gl.constexpr):
+        """The FP8 cache's producer: the same four half tiles in the same order as ``_producer``,
+        but the FP8 latent goes through registers, in 128-channel chunks (8 KB, one scale tile),
+        two in flight: a chunk is scaled to bf16 and stored once its buffer is free, and the next
+        chunk's load is issued behind each store (1.05x over loading a whole half, then storing
+        it: H200, B=64 / 128, BENCHMARKS.md session 13). The rope rows (bf16 in the entry) still
+        go by cp.async. A half's barrier completes on one arrival after the stores plus, for the
+        right halves, one cp.async arrival a thread. In a cluster pair each CTA loads half of
+        the rows (its rank's) and the arrival after the stores also expects the partner's."""
+        (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+         q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+         slot_s, KV, ROW_WIDTH, k_off, ready_off, free_off) = ctx
+        BLOCK_K: gl.constexpr = k_nope_s.shape[1]
+        BLOCK_H: gl.constexpr = q_nope_s.shape[1]
+        if PAIR:
+            _cluster_sync()
+            if (h0 // BLOCK_H) % 2 == 0:  # the CTA's rank in its cluster
+                _fp8_rounds(slot_base, k_lo, k_hi, k_nope_s, k_rope_s, k_ready, k_free, slot_s, KV,
+                            ROW_WIDTH, 0, BLOCK_K // 2, PAIR, k_off, ready_off)
+            else:
+                _fp8_rounds(slot_base, k_lo, k_hi, k_nope_s, k_rope_s, k_ready, k_free, slot_s, KV,
+                            ROW_WIDTH, BLOCK_K // 2, BLOCK_K // 2, PAIR, k_off, ready_off)
+            _cluster_sync()
+        else:
+            _fp8_rounds(slot_base, k_lo, k_hi, k_nope_s, k_rope_s, k_ready, k_free, slot_s, KV,
+                        ROW_WIDTH, 0, BLOCK_K, PAIR, k_off, ready_off)
+
+    # the partitions' entries, which bind PAIR (see the cluster pair's note above)
+    @gluon.jit
+    def _wg0_solo(ctx):
+        _wg0(ctx, False)
+
+    @gluon.jit
+    def _wg0_paired(ctx):
+        _wg0(ctx, True)
+
+    @gluon.jit
+    def _wg1_solo(ctx):
+        _wg1(ctx, False)
+
+    @gluon.jit
+    def _wg1_paired(ctx):
+        _wg1(ctx, True)
+
+    @gluon.jit
+    def _producer_fp8_solo(ctx):
+        _producer_fp8(ctx, False)
+
+    @gluon.jit
+    def _producer_fp8_paired(ctx):
+        _producer_fp8(ctx, True)
 
     @gluon.jit
     def _sparse_mla_fwd_sm90(
@@ -463,10 +631,12 @@ if _GLUON:
         H, K, k_per_split, scale_log2,
         D_NOPE: gl.constexpr, D_ROPE: gl.constexpr, BLOCK_H: gl.constexpr,
         BLOCK_K: gl.constexpr, ROW_WIDTH: gl.constexpr, KV_FP8: gl.constexpr,
+        PAIR: gl.constexpr, K_OFF: gl.constexpr, READY_OFF: gl.constexpr, FREE_OFF: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64, "one warpgroup M of heads")
         gl.static_assert(BLOCK_K == D_ROPE, "P0 reuses the rope rows of a KV tile")
         gl.static_assert(gl.num_warps() == 4, "the default partition is one warpgroup")
+        gl.static_assert(KV_FP8 or not PAIR, "the cluster pair splits the FP8 dequantization")
         dtype: gl.constexpr = Q.dtype.element_ty
         sl: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         # the head blocks of one token are neighbours in launch order (their gathers meet in L2);
@@ -494,10 +664,15 @@ if _GLUON:
                 mbarrier.init(k_ready.index(i), count=1 + 128 * (i % 2))
             else:
                 mbarrier.init(k_ready.index(i), count=128)  # one cp.async arrival a producer thread
-            mbarrier.init(k_free.index(i), count=1)
+            if PAIR:  # both CTAs' consumers free a half tile: the partner's producer writes it too
+                mbarrier.init(k_free.index(i), count=2)
+            else:
+                mbarrier.init(k_free.index(i), count=1)
         for i in gl.static_range(6):
             mbarrier.init(xbar.index(i), count=1)
         mbarrier.init(xbar.index(6), count=128)  # one cp.async arrival a thread of this warpgroup
+        if PAIR:  # the inits are visible to the partner after the partitions' first cluster sync
+            _per_thread_asm(_MBARRIER_INIT_FENCE_ASM)
 
         # queries into shared memory, resident for the whole loop; the consumers wait for them on
         # an mbarrier, so the producer's first gathers are issued without waiting for them
@@ -522,34 +697,134 @@ if _GLUON:
         slot_base = SLOT + t.to(gl.int64) * K
         o_base = split * stride_os + t.to(gl.int64) * stride_ot
         l_base = split * stride_ls + t.to(gl.int64) * stride_lt
-        args = (SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
-                q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
-                slot_s, KV, ROW_WIDTH)
-        if KV_FP8:
+        # one tuple: the partitions unpack it (the offsets arrive as runtime values)
+        args = ((SLOT, OUT, LSE, slot_base, o_base, l_base, h0, H, stride_oh, k_lo, k_hi, scale_log2,
+                 q_nope_s, q_rope_s, k_nope_s, k_rope_s, s1_s, m_s, l_s, k_ready, k_free, xbar,
+                 slot_s, KV, ROW_WIDTH, K_OFF, READY_OFF, FREE_OFF),)
+        if PAIR:
             gl.warp_specialize([
-                (_wg0, args),
-                (_wg1, args),
-                (_producer_fp8, args),
+                (_wg0_paired, args),
+                (_wg1_paired, args),
+                (_producer_fp8_paired, args),
+            ], [4, 4], [FP8_WG_REGS, FP8_PRODUCER_REGS])
+        elif KV_FP8:
+            gl.warp_specialize([
+                (_wg0_solo, args),
+                (_wg1_solo, args),
+                (_producer_fp8_solo, args),
             ], [4, 4], [FP8_WG_REGS, FP8_PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_wg0, args),
-                (_wg1, args),
+                (_wg0_solo, args),
+                (_wg1_solo, args),
                 (_producer, args),
             ], [4, 4], [WG_REGS, PRODUCER_REGS])
 
 
 KERNEL_REGS = 168  # x 384 threads = the register file; the partitions' shares are set above
 
+PAIR_ENV = "DSA_MLA_PAIR"
+# the allocations the cluster pair's inline PTX addresses: constexpr -> the kernel's name for it
+PAIR_ALLOCS = {"K_OFF": "k_nope_s", "READY_OFF": "k_ready", "FREE_OFF": "k_free"}
+
+
+def pair_enabled() -> bool:
+    """Whether FP8-cache launches with an even number of 64-head blocks a token run as cluster
+    pairs (``DSA_MLA_PAIR=1``). Off by default: it was written without a GPU and is made the
+    default once it has been checked and timed on one (BENCHMARKS.md)."""
+    return os.environ.get(PAIR_ENV, "0") == "1"
+
+
+def smem_offsets(compiled) -> dict[str, int]:
+    """Byte offsets from ``global_smem`` that Triton's allocator gives a compiled kernel's named
+    shared-memory allocations: its TTGIR run again through the passes that precede the lowering
+    to LLVM, up to the allocation (Triton 3.6's ``make_llir``). Raises where this Triton's
+    passes or IR differ, naming what is missing."""
+    try:
+        from triton._C.libtriton import ir, nvidia, passes
+        from triton.backends.nvidia.compiler import get_ptx_version_from_options
+    except ImportError as e:  # pragma: no cover - depends on the Triton build
+        raise RuntimeError(f"smem_offsets: this Triton has no {e.name}") from e
+    meta = compiled.metadata
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    nvidia.load_dialects(ctx)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.ttgir")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ttgir"])
+        mod = ir.parse_mlir_module(path, ctx)
+    mod.context = ctx
+    pm = ir.pass_manager(ctx)
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(
+        pm, meta.target.arch, get_ptx_version_from_options(meta, meta.target.arch))
+    pm.run(mod, "smem_offsets")
+    text = str(mod)
+    del pm, mod  # before their context
+    return {name: int(off) for name, off in re.findall(
+        r"%(\w+) = ttg\.local_alloc[^\n]*allocation\.offset = (\d+)", text)}
+
+
+def _compiled(args, consts):
+    k = _sparse_mla_fwd_sm90.warmup(*args, grid=(1,), **consts, num_warps=4, maxnreg=KERNEL_REGS)
+    return k.result() if hasattr(k, "result") else k
+
+
+_PAIR_OFFSETS: dict = {}
+
+
+def _pair_consts(args, consts) -> dict:
+    """The pair kernel's offset constexprs for these constexprs: from a compile with placeholder
+    offsets (inline PTX does not change the allocation), cached."""
+    key = tuple(sorted(consts.items()))
+    if key not in _PAIR_OFFSETS:
+        found = smem_offsets(_compiled(args, dict(consts, **{c: 0 for c in PAIR_ALLOCS})))
+        missing = [n for n in PAIR_ALLOCS.values() if n not in found]
+        if missing:
+            raise RuntimeError(f"sparse MLA cluster pair: no shared-memory offset found for "
+                               f"{missing} in the compiled kernel (found {sorted(found)})")
+        _PAIR_OFFSETS[key] = {c: found[n] for c, n in PAIR_ALLOCS.items()}
+    return dict(consts, **_PAIR_OFFSETS[key])
+
+
+def _as_cluster_pair(kernel, consts):
+    """Check the compiled pair kernel's allocation against the offsets its PTX was built with,
+    then make its launches clusters of two CTAs along grid axis 0 (Triton's launcher multiplies
+    that axis by the kernel's ``num_ctas`` and sets the cluster dimension to it; the kernel,
+    compiled for one CTA, reads its head block from ``program_id(0)`` as before)."""
+    if kernel.packed_metadata[1] == 2:
+        return
+    found = smem_offsets(kernel)
+    wrong = {c: (consts[c], found.get(n)) for c, n in PAIR_ALLOCS.items() if found.get(n) != consts[c]}
+    if wrong:
+        raise RuntimeError(f"sparse MLA cluster pair: shared-memory offsets (built, allocated) "
+                           f"differ: {wrong}")
+    num_warps, _, shared = kernel.packed_metadata
+    kernel.packed_metadata = (num_warps, 2, shared)
+
 
 def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, splits):
-    """Launch over (token x head block, split); ``k`` > 0 (the caller routes k = 0 elsewhere)."""
+    """Launch over (token x head block, split); ``k`` > 0 (the caller routes k = 0 elsewhere).
+    FP8-cache launches with an even number of head blocks a token run as cluster pairs where
+    ``pair_enabled()``."""
     t = q.shape[0]
-    _sparse_mla_fwd_sm90[(t * triton.cdiv(h, 64), splits)](
-        q, kv, slots, out, lse,
-        q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        h, k, k_per_split, scale_log2,
-        D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
-        KV_FP8=kv.dtype == torch.uint8, num_warps=4, maxnreg=KERNEL_REGS,
-    )
+    head_blocks = triton.cdiv(h, 64)
+    args = (q, kv, slots, out, lse, q.stride(0), q.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            h, k, k_per_split, scale_log2)
+    fp8 = kv.dtype == torch.uint8
+    consts = dict(D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
+                  KV_FP8=fp8, PAIR=fp8 and head_blocks % 2 == 0 and pair_enabled())
+    grid = (t * head_blocks, splits)
+    if consts["PAIR"]:
+        with torch.cuda.device(q.device):
+            consts = _pair_consts(args, consts)
+            _as_cluster_pair(_compiled(args, consts), consts)
+        grid = (t * head_blocks // 2, splits)  # x 2 CTAs a cluster
+    else:
+        consts.update({c: 0 for c in PAIR_ALLOCS})
+    _sparse_mla_fwd_sm90[grid](*args, **consts, num_warps=4, maxnreg=KERNEL_REGS)

@@ -41,6 +41,12 @@ def test_kernel_sass_compiles_every_preset():
     # the radix select's inline PTX addresses its bins at global_smem + 0: checked in its PTX
     radix = r.stdout.split("topk_radix_gluon (", 1)[1].splitlines()
     assert radix[1] == "  first allocation at global_smem + 0: yes", r.stdout
+    # the sparse MLA cluster pair's PTX offsets come from the allocator, once per compile
+    pair = r.stdout.split("sparse_mla_sm90_fp8_pair (", 1)[1].splitlines()
+    offs = dict(re.findall(r"(\w+) (\d+)", pair[1].split(": ", 1)[1]))
+    assert pair[1].startswith("  inline PTX addresses") and set(offs) == {"k_nope_s", "k_ready",
+                                                                          "k_free"}, r.stdout
+    assert len({int(o) for o in offs.values()}) == 3 and all(int(o) % 8 == 0 for o in offs.values())
 
 
 def test_kernel_sass_names_an_unknown_preset():

@@ -137,6 +137,52 @@ def test_sparse_mla_both_kernels_on_gpu(impl, fp8):
         assert (lse.double() - r_lse).abs().max() <= lse_bound, (impl, fp8, t, h, k_sel, splits)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the cluster pair is in the sm90 (Gluon) kernel; Gluon has no interpreter")
+def test_sparse_mla_fp8_cluster_pair_is_bit_identical(monkeypatch):
+    """The FP8 cache as cluster pairs (``DSA_MLA_PAIR=1``: the two CTAs of a token each dequantize
+    half of every tile and bulk-copy it to the other) against solo CTAs, bit for bit (each row is
+    dequantized once either way, by the same arithmetic), eager and as a CUDA graph, and against
+    the float64 reference. Head counts of 2 and 4 head blocks (pairs) and of 1 (no partner: solo
+    CTAs), ragged -1 padding, splits, partial tiles, more slots than keys."""
+    from dsa_ascend.backends.cuda import graph_replay
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    sm90 = K.sparse_mla.sparse_mla_sm90
+    for i, (t, h, k_sel, kv_len, splits) in enumerate([(33, 128, 2048, 5000, 2), (16, 128, 2048, 4096, 1),
+                                                       (5, 96, 700, 900, 3), (4, 256, 300, 300, None),
+                                                       (3, 64, 500, 600, None), (2, 128, 2048, 40, None)]):
+        got = {}
+        for pair in ("0", "1"):
+            monkeypatch.setenv(sm90.PAIR_ENV, pair)
+            got[pair] = _sparse_mla_case(400 + i, t, h, k_sel, LOWP, kv_len=kv_len, splits=splits,
+                                         impl="sm90", fp8=True)
+        where = (t, h, k_sel, kv_len, splits)
+        assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1]), where
+        out, lse, r_out, r_lse, inputs = got["1"]
+        out_bound, lse_bound = _bounds(LOWP, inputs)
+        assert _rel(out.float(), r_out) <= out_bound, where
+        assert (lse.double() - r_lse).abs().max() <= lse_bound, where
+    # a graph replay of the pair (the decode step is captured whole) against the eager solo call
+    g = _gen(7)
+    cache, table = _paged([3000] * 4, 576, 64, g)
+    packed = kv_fp8.pack(cache[..., :512], cache[..., 512:], True).to(DEV)
+    q = torch.randn(24, 128, 576, generator=g).to(LOWP).to(DEV)
+    idx = torch.stack([torch.randperm(3000, generator=g)[:2048] for _ in range(24)]).int()
+    idx[torch.rand(24, 2048, generator=g) < 0.1] = -1
+    args = (q, packed, idx.to(DEV), table.to(DEV), torch.arange(24).remainder(4).int().to(DEV),
+            576 ** -0.5, 512)
+    monkeypatch.setenv(sm90.PAIR_ENV, "0")
+    want = K.sparse_mla_fwd(*args, impl="sm90")
+    monkeypatch.setenv(sm90.PAIR_ENV, "1")
+    box = {}
+    replay = graph_replay(lambda: box.update(out=K.sparse_mla_fwd(*args, impl="sm90")))
+    for _ in range(2):
+        replay()
+        torch.cuda.synchronize()
+        assert torch.equal(box["out"][0], want[0]) and torch.equal(box["out"][1], want[1])
+
+
 def test_sparse_mla_impl_argument():
     args = _sparse_mla_args()
     with pytest.raises(ValueError, match="impl must be None, 'sm90' or 'triton'"):
