@@ -49,8 +49,9 @@ def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnre
     launch options, and the arguments known to be multiples of 16 (all pointers always are).
     ``smem_base``: the kernel's inline PTX addresses its first shared-memory allocation as
     offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``).
-    ``smem_offsets``: {constexpr: allocation name} that the kernel's inline PTX addresses; they are
-    set from a first compile's allocation (``sparse_mla_sm90.smem_offsets``), as its launcher does."""
+    ``smem_offsets``: {constexpr: allocation name} that the kernel's inline PTX addresses (the sparse
+    MLA cluster pair's); they are set from a first compile's allocation and checked on the second
+    (``sparse_mla_sm90.smem_offsets``, ``check_pair_offsets``), as its launcher does."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
                 num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base,
                 smem_offsets=smem_offsets)
@@ -210,9 +211,7 @@ def compile_sm90(p: dict):
     consts = dict(p["constexprs"], **{c: found[n] for c, n in p["smem_offsets"].items()})
     kernel = triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=options)
-    again = K.sparse_mla_sm90.smem_offsets(kernel)
-    if any(again[n] != consts[c] for c, n in p["smem_offsets"].items()):
-        raise RuntimeError(f"kernel_sass: {fn.__name__}: the allocation moved between compiles")
+    K.sparse_mla_sm90.check_pair_offsets(kernel, consts)  # the launcher's check
     return kernel
 
 

@@ -791,6 +791,16 @@ def _pair_consts(args, consts) -> dict:
     return dict(consts, **_PAIR_OFFSETS[key])
 
 
+def check_pair_offsets(kernel, consts) -> None:
+    """Raise unless the compiled pair kernel's allocation puts k_nope_s, k_ready and k_free at
+    the offsets its PTX was built with (``consts``' K_OFF, READY_OFF, FREE_OFF)."""
+    found = smem_offsets(kernel)
+    wrong = {c: (consts[c], found.get(n)) for c, n in PAIR_ALLOCS.items() if found.get(n) != consts[c]}
+    if wrong:
+        raise RuntimeError(f"sparse MLA cluster pair: shared-memory offsets (built, allocated) "
+                           f"differ: {wrong}")
+
+
 def _as_cluster_pair(kernel, consts):
     """Check the compiled pair kernel's allocation against the offsets its PTX was built with,
     then make its launches clusters of two CTAs along grid axis 0 (Triton's launcher multiplies
@@ -798,11 +808,7 @@ def _as_cluster_pair(kernel, consts):
     compiled for one CTA, reads its head block from ``program_id(0)`` as before)."""
     if kernel.packed_metadata[1] == 2:
         return
-    found = smem_offsets(kernel)
-    wrong = {c: (consts[c], found.get(n)) for c, n in PAIR_ALLOCS.items() if found.get(n) != consts[c]}
-    if wrong:
-        raise RuntimeError(f"sparse MLA cluster pair: shared-memory offsets (built, allocated) "
-                           f"differ: {wrong}")
+    check_pair_offsets(kernel, consts)
     num_warps, _, shared = kernel.packed_metadata
     kernel.packed_metadata = (num_warps, 2, shared)
 
