@@ -146,6 +146,9 @@ if _GLUON:
     _CLUSTER_SYNC_ASM = gl.constexpr(
         "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
     _MBARRIER_INIT_FENCE_ASM = gl.constexpr("fence.mbarrier_init.release.cluster; mov.b32 $0, 0;")
+    # a pair kernel launched without its cluster of two traps (a launch error) instead of hanging
+    _PAIR_GUARD_ASM = gl.constexpr("{ .reg .b32 n; .reg .pred p; mov.u32 n, %cluster_nctarank; "
+                                   "setp.ne.u32 p, n, 2; @p trap; mov.b32 $0, 0; }")
 
     @gluon.jit
     def _per_thread_asm(asm: gl.constexpr):
@@ -672,6 +675,7 @@ if _GLUON:
             mbarrier.init(xbar.index(i), count=1)
         mbarrier.init(xbar.index(6), count=128)  # one cp.async arrival a thread of this warpgroup
         if PAIR:  # the inits are visible to the partner after the partitions' first cluster sync
+            _per_thread_asm(_PAIR_GUARD_ASM)
             _per_thread_asm(_MBARRIER_INIT_FENCE_ASM)
 
         # queries into shared memory, resident for the whole loop; the consumers wait for them on
@@ -825,12 +829,14 @@ def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, s
     fp8 = kv.dtype == torch.uint8
     consts = dict(D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
                   KV_FP8=fp8, PAIR=fp8 and head_blocks % 2 == 0 and pair_enabled())
-    grid = (t * head_blocks, splits)
     if consts["PAIR"]:
+        # one device throughout: the patched kernel is the one in that device's JIT cache
         with torch.cuda.device(q.device):
             consts = _pair_consts(args, consts)
             _as_cluster_pair(_compiled(args, consts), consts)
-        grid = (t * head_blocks // 2, splits)  # x 2 CTAs a cluster
-    else:
-        consts.update({c: 0 for c in PAIR_ALLOCS})
-    _sparse_mla_fwd_sm90[grid](*args, **consts, num_warps=4, maxnreg=KERNEL_REGS)
+            _sparse_mla_fwd_sm90[(t * head_blocks // 2, splits)](  # x 2 CTAs a cluster
+                *args, **consts, num_warps=4, maxnreg=KERNEL_REGS)
+        return
+    consts.update({c: 0 for c in PAIR_ALLOCS})
+    _sparse_mla_fwd_sm90[(t * head_blocks, splits)](*args, **consts, num_warps=4,
+                                                     maxnreg=KERNEL_REGS)
