@@ -167,6 +167,13 @@ def topk(rows, k=2048):
         rows.append(dict(name=f"{name}: radix, multi-program, CUDA graph", ms=ms, gbps=gb / ms))
         ms = bench(lambda: K.select_topk(s, lens, k))
         rows.append(dict(name=f"{name}: select_topk policy", ms=ms, gbps=gb / ms))
+        plan = K.topk.cluster_plan(n, length, torch.cuda.get_device_properties(DEV).multi_processor_count)
+        if plan is not None and torch.cuda.get_device_capability()[0] >= 9:
+            fn = lambda: K.topk.topk_cluster(s, lens, k)  # noqa: E731
+            assert torch.equal(fn(), want), (name, "cluster")
+            ms = bench(graph_replay(fn))
+            rows.append(dict(name=f"{name}: radix on clusters of {plan[0]} x {plan[1]} keys, CUDA graph",
+                             ms=ms, gbps=gb / ms))
         ms_t = bench(lambda: torch.topk(s, k, dim=-1))
         rows.append(dict(name="  baseline: torch.topk (ties unspecified)", ms=ms_t))
     # a prefill chunk of the indexer's shape: 512 rows of 64K-128K keys bunched within one power
@@ -391,6 +398,17 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
     ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
     rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, CUDA graph", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
+    # the select on thread-block clusters (DSA_TOPK_CLUSTER=1, opt-in), checked bit for bit
+    if K.topk.cluster_plan(b, ctx, torch.cuda.get_device_properties(DEV).multi_processor_count) \
+            and torch.cuda.get_device_capability()[0] >= 9:
+        want = K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)
+        with _env("DSA_TOPK_CLUSTER", "1"):
+            got = K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (b, ctx)
+            ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk,
+                                                           max_seqlen_k=ctx)))
+        rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, cluster select, CUDA graph",
+                         ms=ms, gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # baseline: the same graph with plain launches (no programmatic dependent launch, pdl.py)
     before = os.environ.get("DSA_PDL")
     os.environ["DSA_PDL"] = "0"

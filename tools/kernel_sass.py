@@ -51,7 +51,7 @@ def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnre
     offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``).
     ``smem_offsets``: {constexpr: allocation name} that the kernel's inline PTX addresses (the sparse
     MLA cluster pair's); they are set from a first compile's allocation and checked on the second
-    (``sparse_mla_sm90.smem_offsets``, ``check_pair_offsets``), as its launcher does."""
+    (``cluster.smem_offsets``, ``sparse_mla_sm90.check_pair_offsets``), as its launcher does."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
                 num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base,
                 smem_offsets=smem_offsets)
@@ -129,9 +129,15 @@ def presets() -> dict:
                                        32, divisible=topk_div),
         **{f"topk_radix_gluon{suffix}": _preset(
             K.topk_sm90._radix_kernel_gl, topk_types,
-            dict(BLOCK=32768, KPAD=2048, WITH_VALS=vals, WARPS=32, D0=11, D1=11), 32,
+            dict(BLOCK=32768, KPAD=2048, WITH_VALS=vals, WARPS=32, D0=11, D1=11, CLUSTER=1), 32,
             divisible=topk_div, smem_base=True)
            for suffix, vals in (("", True), ("_idx", False))},
+        # the same kernel on a cluster of CTAs a row (topk_cluster: 128K keys, 4 x 32K or 8 x 16K)
+        **{f"topk_radix_cluster{size}": _preset(
+            K.topk_sm90._radix_kernel_gl, topk_types,
+            dict(BLOCK=131072 // size, KPAD=2048, WITH_VALS=True, WARPS=32, D0=11, D1=11,
+                 CLUSTER=size), 32, divisible=topk_div, smem_base=True)
+           for size in (4, 8)},
         # the 1-D form, with its reload, for more than 32 keys a thread (8K keys on 4 warps)
         "topk_resident_gluon_1d": _preset(K.topk_sm90._resident_kernel_gl, topk_types,
                                           dict(BLOCK=8192, KPAD=2048, WITH_VALS=False, WARPS=4),
@@ -207,7 +213,7 @@ def compile_sm90(p: dict):
                             target=GPUTarget("cuda", 90, 32), options=options)
     if not p.get("smem_offsets"):
         return kernel
-    found = K.sparse_mla_sm90.smem_offsets(kernel)
+    found = K.cluster.smem_offsets(kernel)
     consts = dict(p["constexprs"], **{c: found[n] for c, n in p["smem_offsets"].items()})
     kernel = triton.compile(source(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=options)
@@ -259,7 +265,7 @@ def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
                smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None,
                smem_offsets=None)
     if p.get("smem_offsets"):
-        found = K.sparse_mla_sm90.smem_offsets(kernel)
+        found = K.cluster.smem_offsets(kernel)
         row["smem_offsets"] = {n: found[n] for n in p["smem_offsets"].values()}
     if sass_dir:
         os.makedirs(sass_dir, exist_ok=True)

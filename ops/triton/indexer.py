@@ -37,6 +37,7 @@ from .pdl import grid_dep, launch_opts, pdl_level
 from .topk import (
     HI_BITS,
     _sortable,
+    cluster_sms,
     default_hist_split,
     hist_workspace,
     radix_serves,
@@ -383,7 +384,8 @@ def indexer_topk(q, weights, k_cache, k_scale, block_table, cu_seqlens_q, seqlen
         # first pass to fuse; prefill rows up to PREFILL_RESIDENT_MAX keys
         resident = ((block_m <= 2 or width <= PREFILL_RESIDENT_MAX)
                     and fused_first_pass is not True
-                    and resident_fits(t1 - t0, width, radix=radix_serves(q)))
+                    and resident_fits(t1 - t0, width, radix=radix_serves(q),
+                                      sms=cluster_sms(q)))
         fuse = (block_m == 1 and t1 - t0 <= FUSED_MAX_ROWS and not resident
                 if fused_first_pass is None else fused_first_pass)
         hist = hist_workspace(t1 - t0, hi_bits, split, device, length=width) if fuse else None

@@ -50,12 +50,12 @@ Gluon has no interpreter: on a CPU the Triton kernel runs; ``available()`` says 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 
 import torch
 
 import triton
+
+from . import cluster
 
 try:  # Gluon ships with Triton >= 3.5; without it the portable Triton kernel is used
     from triton.experimental import gluon
@@ -739,43 +739,7 @@ def pair_enabled() -> bool:
     return os.environ.get(PAIR_ENV, "0") == "1"
 
 
-def smem_offsets(compiled) -> dict[str, int]:
-    """Byte offsets from ``global_smem`` that Triton's allocator gives a compiled kernel's named
-    shared-memory allocations: its TTGIR run again through the passes that precede the lowering
-    to LLVM, up to the allocation (Triton 3.6's ``make_llir``). Raises where this Triton's
-    passes or IR differ, naming what is missing."""
-    try:
-        from triton._C.libtriton import ir, nvidia, passes
-        from triton.backends.nvidia.compiler import get_ptx_version_from_options
-    except ImportError as e:  # pragma: no cover - depends on the Triton build
-        raise RuntimeError(f"smem_offsets: this Triton has no {e.name}") from e
-    meta = compiled.metadata
-    ctx = ir.context()
-    ir.load_dialects(ctx)
-    nvidia.load_dialects(ctx)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "kernel.ttgir")
-        with open(path, "w") as f:
-            f.write(compiled.asm["ttgir"])
-        mod = ir.parse_mlir_module(path, ctx)
-    mod.context = ctx
-    pm = ir.pass_manager(ctx)
-    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
-    passes.ttgpuir.add_allocate_warp_groups(pm)
-    passes.convert.add_scf_to_cf(pm)
-    passes.gluon.add_inliner(pm)
-    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(
-        pm, meta.target.arch, get_ptx_version_from_options(meta, meta.target.arch))
-    pm.run(mod, "smem_offsets")
-    text = str(mod)
-    del pm, mod  # before their context
-    return {name: int(off) for name, off in re.findall(
-        r"%(\w+) = ttg\.local_alloc[^\n]*allocation\.offset = (\d+)", text)}
-
-
-def _compiled(args, consts):
-    k = _sparse_mla_fwd_sm90.warmup(*args, grid=(1,), **consts, num_warps=4, maxnreg=KERNEL_REGS)
-    return k.result() if hasattr(k, "result") else k
+smem_offsets = cluster.smem_offsets  # (kept here for tools/kernel_sass.py's presets)
 
 
 _PAIR_OFFSETS: dict = {}
@@ -786,7 +750,9 @@ def _pair_consts(args, consts) -> dict:
     offsets (inline PTX does not change the allocation), cached."""
     key = tuple(sorted(consts.items()))
     if key not in _PAIR_OFFSETS:
-        found = smem_offsets(_compiled(args, dict(consts, **{c: 0 for c in PAIR_ALLOCS})))
+        probe = dict(consts, **{c: 0 for c in PAIR_ALLOCS})
+        found = smem_offsets(cluster.compiled(_sparse_mla_fwd_sm90, args,
+                                              dict(probe, num_warps=4, maxnreg=KERNEL_REGS)))
         missing = [n for n in PAIR_ALLOCS.values() if n not in found]
         if missing:
             raise RuntimeError(f"sparse MLA cluster pair: no shared-memory offset found for "
@@ -805,18 +771,6 @@ def check_pair_offsets(kernel, consts) -> None:
                            f"differ: {wrong}")
 
 
-def _as_cluster_pair(kernel, consts):
-    """Check the compiled pair kernel's allocation against the offsets its PTX was built with,
-    then make its launches clusters of two CTAs along grid axis 0 (Triton's launcher multiplies
-    that axis by the kernel's ``num_ctas`` and sets the cluster dimension to it; the kernel,
-    compiled for one CTA, reads its head block from ``program_id(0)`` as before)."""
-    if kernel.packed_metadata[1] == 2:
-        return
-    check_pair_offsets(kernel, consts)
-    num_warps, _, shared = kernel.packed_metadata
-    kernel.packed_metadata = (num_warps, 2, shared)
-
-
 def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, splits):
     """Launch over (token x head block, split); ``k`` > 0 (the caller routes k = 0 elsewhere).
     FP8-cache launches with an even number of head blocks a token run as cluster pairs where
@@ -829,13 +783,12 @@ def launch(q, kv, slots, out, lse, h, k, k_per_split, scale_log2, d_v, d_rope, s
     fp8 = kv.dtype == torch.uint8
     consts = dict(D_NOPE=d_v, D_ROPE=d_rope, BLOCK_H=64, BLOCK_K=64, ROW_WIDTH=kv.shape[-1],
                   KV_FP8=fp8, PAIR=fp8 and head_blocks % 2 == 0 and pair_enabled())
-    if consts["PAIR"]:
-        # one device throughout: the patched kernel is the one in that device's JIT cache
+    if consts["PAIR"]:  # the two head blocks of a token (neighbours on axis 0): one cluster
         with torch.cuda.device(q.device):
             consts = _pair_consts(args, consts)
-            _as_cluster_pair(_compiled(args, consts), consts)
-            _sparse_mla_fwd_sm90[(t * head_blocks // 2, splits)](  # x 2 CTAs a cluster
-                *args, **consts, num_warps=4, maxnreg=KERNEL_REGS)
+        cluster.launch(_sparse_mla_fwd_sm90, (t * head_blocks, splits), 2, args,
+                       dict(consts, num_warps=4, maxnreg=KERNEL_REGS),
+                       check=lambda kernel: check_pair_offsets(kernel, consts))
         return
     consts.update({c: 0 for c in PAIR_ALLOCS})
     _sparse_mla_fwd_sm90[(t * head_blocks, splits)](*args, **consts, num_warps=4,

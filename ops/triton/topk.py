@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import topk_sm90
-from .pdl import grid_dep, launch_opts, pdl_level
+from .pdl import _device_info, grid_dep, launch_opts, pdl_level
 from .topk_sm90 import WARP_GROUP_COUNT_ASM
 
 
@@ -129,6 +129,11 @@ RESIDENT_MAX = 32768
 # default; ``DSA_TOPK_RADIX=0/1`` overrides. H100, CUDA graphs, against the bisection kernel:
 # 1.4-2.2x at every size timed, 64 x 32K 40.4 -> 23.6 us (BENCHMARKS.md session 17).
 RADIX_DEFAULT = True
+# Longer rows, up to CLUSTER_MAX x RESIDENT_MAX keys, in one launch as well: the radix kernel on
+# a cluster of CTAs a row (``topk_cluster``). Written without a GPU (session 18): opt-in
+# (``DSA_TOPK_CLUSTER=1``) until it has run on one.
+CLUSTER_DEFAULT = False
+CLUSTER_MAX = 8  # CTAs a cluster: the portable limit
 
 
 @triton.jit
@@ -596,9 +601,40 @@ def radix_serves(t: torch.Tensor) -> bool:
     return topk_sm90.available(t) and radix_default()
 
 
-def resident_fits(n_rows: int, length: int, radix: bool | None = None) -> bool:
-    """Whether ``select_topk`` takes ``topk_resident`` for ``n_rows`` full rows of ``length``
-    keys. ``radix``: whether the radix kernel serves (``radix_serves``; None:
+def cluster_sms(t: torch.Tensor) -> int:
+    """The SM count of ``t``'s device where the cluster select (``topk_cluster``) serves there
+    (the radix kernel serves, sm90+, ``DSA_TOPK_CLUSTER``, default ``CLUSTER_DEFAULT``), else 0."""
+    if os.environ.get("DSA_TOPK_CLUSTER", "1" if CLUSTER_DEFAULT else "0") == "0":
+        return 0
+    if not radix_serves(t):
+        return 0
+    sm90, sms = _device_info(_index(t))
+    return sms if sm90 else 0
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def cluster_plan(n_rows: int, length: int, sms: int) -> tuple[int, int] | None:
+    """(CTAs a row, keys a CTA) for ``topk_cluster`` on rows of ``RESIDENT_MAX`` < ``length``
+    <= ``CLUSTER_MAX * RESIDENT_MAX`` keys: the smallest block of 16K or 32K keys whose
+    clusters (a power of two of CTAs, at most ``CLUSTER_MAX``) fit one wave of ``sms`` CTAs,
+    one a SM; None where none does (more rows: ``topk_multi``), or ``sms`` is 0."""
+    if sms <= 0 or not RESIDENT_MAX < length <= CLUSTER_MAX * RESIDENT_MAX:
+        return None
+    for block in (RESIDENT_MAX // 2, RESIDENT_MAX):
+        size = triton.next_power_of_2(triton.cdiv(length, block))
+        if size <= CLUSTER_MAX and n_rows * size <= sms:
+            return size, block
+    return None
+
+
+def resident_fits(n_rows: int, length: int, radix: bool | None = None, sms: int = 0) -> bool:
+    """Whether ``select_topk`` takes one launch for ``n_rows`` full rows of ``length``
+    keys (``topk_resident``, or above ``RESIDENT_MAX`` keys ``topk_cluster`` where
+    ``cluster_plan(n_rows, length, sms)`` has one; ``sms``: ``cluster_sms``).
+    ``radix``: whether the radix kernel serves (``radix_serves``; None:
     ``radix_default()``). With it: every row of up to ``RESIDENT_MAX`` keys
     (H100, CUDA graphs, against ``topk_multi``: 1.2-3.1x from 8 rows at 4K-32K, 1.55x at
     1 x 16K, even at 1 x 32K; BENCHMARKS.md session 17). With the bisection kernels: up to 8192
@@ -607,6 +643,8 @@ def resident_fits(n_rows: int, length: int, radix: bool | None = None) -> bool:
     64 x 32K, 1.68x at 132 x 32K, 1.10x at 1024 x 32K, 1.26x at 1024 x 16K (session 13);
     1 x 16K no faster, and 32 x 32K 1.02x slower alone and 1.16x slower in the decode indexer
     step than the fused multi-program select)."""
+    if cluster_plan(n_rows, length, sms) is not None:
+        return True
     if radix_default() if radix is None else radix:
         return length <= RESIDENT_MAX
     return (length <= 8192 or (length <= 16384 and n_rows >= 32)
@@ -685,6 +723,42 @@ def topk_resident(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: b
     return (out, vals) if values else out
 
 
+def topk_cluster(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
+                 size: int | None = None, block: int | None = None):
+    """``topk_rows``'s contract for rows of ``RESIDENT_MAX`` to ``CLUSTER_MAX * RESIDENT_MAX``
+    keys in one launch: the radix kernel on a cluster of ``size`` CTAs a row, ``block`` keys
+    each in registers (``topk_sm90._radix_kernel_gl`` with CLUSTER; default ``cluster_plan``).
+    Each of the three passes sums the cluster's histograms through distributed shared memory.
+    sm90+ with Gluon only. ``values``: (positions, their scores), -inf where the position is -1."""
+    n, length = scores.shape
+    if scores.stride(-1) != 1:
+        raise ValueError("topk_cluster: scores must have unit stride along the row")
+    if not topk_sm90.available(scores) or not _device_info(_index(scores))[0]:
+        raise ValueError("topk_cluster: needs an sm90+ GPU, Gluon and no Triton interpreter")
+    if not 0 <= k < 65536:
+        raise ValueError(f"topk_cluster: k must be in [0, 65536), got {k}")
+    if not RESIDENT_MAX < length <= CLUSTER_MAX * RESIDENT_MAX:
+        raise ValueError(f"topk_cluster: rows of {RESIDENT_MAX + 1} to "
+                         f"{CLUSTER_MAX * RESIDENT_MAX} keys, got {length}")
+    if size is None or block is None:  # cluster_plan's, or 32K keys a CTA past one wave
+        plan = (cluster_plan(n, length, _device_info(_index(scores))[1])
+                or (triton.next_power_of_2(triton.cdiv(length, RESIDENT_MAX)), RESIDENT_MAX))
+        size, block = (size or plan[0]), (block or plan[1])
+    if size & (size - 1) or not 2 <= size <= CLUSTER_MAX:
+        raise ValueError(f"topk_cluster: size must be a power of two in [2, {CLUSTER_MAX}], got {size}")
+    if block not in (RESIDENT_MAX // 2, RESIDENT_MAX) or size * block < length:
+        raise ValueError(f"topk_cluster: block must be {RESIDENT_MAX // 2} or {RESIDENT_MAX} with "
+                         f"size * block >= the row length ({length}), got size {size}, block {block}")
+    out = torch.empty((n, k), dtype=torch.int32, device=scores.device)
+    vals = torch.empty((n, k), dtype=torch.float32, device=scores.device) if values else out
+    if not n or not k:
+        out.fill_(-1)
+        return (out, vals.fill_(float("-inf"))) if values else out
+    topk_sm90.resident(scores, lengths, out, vals, k, block, values,
+                       resident_warps(n, block, radix=True), radix=True, cluster_size=size)
+    return (out, vals) if values else out
+
+
 def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bool = False,
                 warp_agg: bool = False, hi_bits: int = HI_BITS, hist: torch.Tensor | None = None,
                 resident: bool | None = None):
@@ -704,10 +778,13 @@ def select_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: boo
     there are fewer candidates or rows: N(0, 1) scores 64 x 32K 5.7 -> 7.7 us, and the decode op
     at B=1 35.8 -> 37.1-39.4 us (BENCHMARKS.md session 11)."""
     if resident is None:
-        resident = hist is None and resident_fits(*scores.shape, radix=radix_serves(scores))
+        resident = hist is None and resident_fits(*scores.shape, radix=radix_serves(scores),
+                                                  sms=cluster_sms(scores))
     if resident:
         if hist is not None:
             raise ValueError("select_topk: resident=True takes no pass-1 hist (it has no pass 1)")
+        if scores.shape[1] > RESIDENT_MAX:
+            return topk_cluster(scores, lengths, k, values=values)
         return topk_resident(scores, lengths, k, values=values)
     big = warp_agg and 32 <= scores.shape[0] <= FEW_ROWS
     return topk_multi(scores, lengths, k, values=values, warp_agg=warp_agg, hi_bits=hi_bits,

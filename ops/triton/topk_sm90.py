@@ -25,7 +25,12 @@ instructions at 32K on 32 warps; 64 x 32K 46.8 -> 38.6 us, 1024 x 32K 376 -> 287
 The radix form (``_radix_kernel_gl``, the default where it runs: ``topk.RADIX_DEFAULT``) finds
 the k-th key by three shared-memory histogram passes instead of 31 bisection steps: about 1700
 instructions run a thread against 4900, 21 barriers against 93; H100, 64 x 32K 40.4 -> 23.6 us,
-1024 x 32K 297 -> 152 (session 17).
+1024 x 32K 297 -> 152 (session 17). Its cluster form (``CLUSTER`` > 1, ``topk.topk_cluster``,
+opt-in: ``DSA_TOPK_CLUSTER=1``) splits a row of up to 256K keys over a thread-block cluster of
+2-8 CTAs, 16K or 32K keys each: each pass's bins are summed over the cluster through
+distributed shared memory (``ld.shared::cluster``), so every CTA picks the same digit, and each
+writes its picks after the lower ranks' (their counts, exchanged the same way). One launch in
+place of the multi-program select's five; written without a GPU (session 18), not yet run.
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernels;
 both forms write the same histograms, counts, lists and candidate sets (the candidates' order in their buffer
@@ -41,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cluster
 from .pdl import launch_opts
 
 # PTX for each lane: how many lanes of its warp hold the same value, on the lowest such lane, else
@@ -306,6 +312,30 @@ if _GLUON:
         mov.b32 $0, 0;
         }""")
 
+    # The cluster form (``CLUSTER`` CTAs a row, one block of keys each, launched by
+    # ``cluster.launch``): PTX for the int32 at word $1 of the shared memory of the cluster's
+    # CTA $2 (its bins: they start at global_smem + 0 in every CTA)
+    _LD_CLUSTER_ASM = gl.constexpr("""{
+        .reg .u32 a;
+        mov.u32 a, global_smem;
+        mad.lo.u32 a, $1, 4, a;
+        mapa.shared::cluster.u32 a, a, $2;
+        ld.shared::cluster.u32 $0, [a];
+        }""")
+    # PTX: thread 0 ($1 == 0) stores $2 at word $3 of this CTA's shared memory
+    _ST_WORD_ASM = gl.constexpr("""{
+        .reg .u32 a;
+        .reg .pred p;
+        setp.eq.s32 p, $1, 0;
+        mov.u32 a, global_smem;
+        mad.lo.u32 a, $3, 4, a;
+        @p st.shared.u32 [a], $2;
+        mov.b32 $0, 0;
+        }""")
+    # every thread of the cluster's CTAs (released and acquired at cluster scope)
+    _CLUSTER_SYNC_ASM = gl.constexpr(
+        "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
+
     # PTX for each thread: write its selected keys, in position order, from bit masks of its E
     # keys (bit e: the key at position $6 + e): the keys above T ($1) at slots $3, $3 + 1, ...,
     # then the keys equal to T ($2) at slots $4, $4 + 1, ... while the slot is below $5 (kk),
@@ -407,18 +437,56 @@ if _GLUON:
         bins_s.store(gl.zeros([NB], gl.int32, gl.BlockedLayout([NB // (32 * WARPS)], [32], [WARPS], [0])))
 
     @gluon.jit
-    def _pick_bin(bins_s, rem, extra0, NB: gl.constexpr, WARPS: gl.constexpr):
-        """From a digit's histogram in shared memory, less ``extra0`` keys counted in bin 0 that
+    def _one_a_thread(WARPS: gl.constexpr):
+        return gl.arange(0, 32 * WARPS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+
+    @gluon.jit
+    def _cluster_sync(WARPS: gl.constexpr):
+        gl.inline_asm_elementwise(_CLUSTER_SYNC_ASM, "=r,r", [_one_a_thread(WARPS)],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _cluster_word(like, word, rank):
+        """The int32 at ``word`` of the shared memory of the cluster's CTA ``rank``, in every
+        element of a tensor shaped as ``like`` (each thread loads it: no reduction)."""
+        return gl.inline_asm_elementwise(_LD_CLUSTER_ASM, "=r,r,r", [like * 0 + word, like * 0 + rank],
+                                         dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _store_word(v, word, WARPS: gl.constexpr):
+        """Thread 0 stores the scalar ``v`` at ``word`` of this CTA's shared memory."""
+        tid = _one_a_thread(WARPS)
+        gl.inline_asm_elementwise(_ST_WORD_ASM, "=r,r,r,r", [tid, tid * 0 + v, tid * 0 + word],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _load_bins(bins_s, BASE: gl.constexpr, NB: gl.constexpr, CLUSTER: gl.constexpr,
+                   WARPS: gl.constexpr):
+        """A digit's histogram, bins [BASE, BASE + NB): this CTA's, or the sum over the
+        cluster's CTAs (read from each one's shared memory)."""
+        PER: gl.constexpr = NB // (32 * WARPS)
+        gl.static_assert(PER >= 1, "at least one bin a thread")
+        layout: gl.constexpr = gl.BlockedLayout([PER], [32], [WARPS], [0])
+        if CLUSTER == 1:
+            hist = bins_s.slice(BASE, NB).load(layout)
+        else:
+            word = BASE + gl.arange(0, NB, layout=layout)
+            hist = gl.zeros([NB], gl.int32, layout)
+            for rank in gl.static_range(CLUSTER):
+                hist += gl.inline_asm_elementwise(_LD_CLUSTER_ASM, "=r,r,r", [word, word * 0 + rank],
+                                                  dtype=gl.int32, is_pure=False, pack=1)
+        return hist
+
+    @gluon.jit
+    def _pick_bin(hist, rem, extra0, NB: gl.constexpr, WARPS: gl.constexpr):
+        """From a digit's histogram (``_load_bins``), less ``extra0`` keys counted in bin 0 that
         are not the row's: the digit of the ``rem``-th largest counted key and how many counted
         keys lie above it. The bins at or below that digit are those whose suffix count (keys
         at or above the bin) is >= rem: one packed sum counts them (bits 16 up) and the keys in
         the bins above (bits 0-15, <= 32768)."""
         PER: gl.constexpr = NB // (32 * WARPS)
-        gl.static_assert(PER >= 1, "at least one bin a thread")
         layout: gl.constexpr = gl.BlockedLayout([1, PER], [1, 32], [WARPS, 1], [1, 0])
-        hist = gl.convert_layout(
-            gl.reshape(bins_s.load(gl.BlockedLayout([PER], [32], [WARPS], [0])), [WARPS, 32 * PER]),
-            layout)
+        hist = gl.convert_layout(gl.reshape(hist, [WARPS, 32 * PER]), layout)
         bins = (gl.expand_dims(gl.arange(0, WARPS, layout=gl.SliceLayout(1, layout)), 1) * (32 * PER)
                 + gl.expand_dims(gl.arange(0, 32 * PER, layout=gl.SliceLayout(0, layout)), 0))
         hist = hist - gl.where(bins == 0, extra0, 0)
@@ -429,7 +497,8 @@ if _GLUON:
     @gluon.jit
     def _radix_kernel_gl(S, LEN, OUT, VALS, stride_s, stride_o, n_cols, k,
                          BLOCK: gl.constexpr, KPAD: gl.constexpr, WITH_VALS: gl.constexpr,
-                         WARPS: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr):
+                         WARPS: gl.constexpr, D0: gl.constexpr, D1: gl.constexpr,
+                         CLUSTER: gl.constexpr = 1):
         """``_resident2d_kernel_gl``'s contract with the k-th largest key T found by three
         radix passes instead of 31 bisection steps: each pass adds one shared-memory increment
         a key to a histogram of its next digit (D0, D1, then 32 - D0 - D1 bits), then one
@@ -439,10 +508,14 @@ if _GLUON:
         -bits for negative scores and bits + 2^31 for the others (``_sortable_gl``'s order, with
         -0.0 and +0.0 one key, by integer ops alone); keys past the row are 0, below every
         score's key: they count in bin 0 of the digits they match and are taken out of it by
-        number (BLOCK - row length), and in position order they rank after every key of the
+        number (CLUSTER x BLOCK - row length), and in position order they rank after every key of the
         row, so they are never taken. The write: bit masks of each thread's keys above T and
         equal to T, one scan of their counts over the threads, then each thread writes its picks
-        in a loop over the set bits (``_WRITE_PICKS_ASM``), the scores read back from the row."""
+        in a loop over the set bits (``_WRITE_PICKS_ASM``), the scores read back from the row.
+        CLUSTER > 1: the row is split over a cluster of CLUSTER CTAs (rank c holds keys
+        [c * BLOCK, (c + 1) * BLOCK)); each pass counts into its own bins, then every CTA sums
+        the cluster's bins (DSMEM) and picks the same digit; each CTA's picks go after the lower
+        ranks' (their counts of keys above and equal to T, exchanged the same way)."""
         D2: gl.constexpr = 32 - D0 - D1
         gl.static_assert(D0 >= D1 and D1 >= D2 and D2 >= 1, "digit widths d0 >= d1 >= d2 >= 1")
         NB0: gl.constexpr = 1 << D0
@@ -453,7 +526,8 @@ if _GLUON:
         E: gl.constexpr = BLOCK // T
         gl.static_assert(E <= 32, "a thread's keys fit one 32-bit mask")
         # first: the bins sit at offset 0 of the kernel's shared memory (_RED_SHARED_ASM)
-        bins_s = gl.allocate_shared_memory(gl.int32, [_next_pow2(TRASH + 32)],
+        TOT: gl.constexpr = TRASH + 32  # CLUSTER > 1: the word of this CTA's counts (T's)
+        bins_s = gl.allocate_shared_memory(gl.int32, [_next_pow2(TOT + 32)],
                                            gl.SwizzledSharedLayout(1, 1, 1, [0]))
         l2: gl.constexpr = gl.BlockedLayout([1, E], [32, 1], [WARPS, 1], [1, 0])
         pad_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
@@ -463,12 +537,17 @@ if _GLUON:
         _clear_bins(bins_s.slice(NB0 + NB1, NB2), WARPS)
         tid = gl.arange(0, T, layout=gl.SliceLayout(1, l2))
         col = gl.expand_dims(gl.arange(0, E, layout=gl.SliceLayout(0, l2)), 0)
-        offs = gl.expand_dims(tid, 1) * E + col
         trash = gl.expand_dims(TRASH + (tid & 31), 1)
-        r = gl.program_id(0)
+        if CLUSTER == 1:
+            r = gl.program_id(0)
+            first = tid * E  # the position of each thread's first key
+        else:
+            r = gl.program_id(0) // CLUSTER
+            first = (gl.program_id(0) % CLUSTER) * BLOCK + tid * E
+        offs = gl.expand_dims(first, 1) + col
         row_len = gl.minimum(gl.load(LEN + r), n_cols)
         kk = gl.minimum(k, row_len)
-        out_of_row = BLOCK - row_len
+        out_of_row = CLUSTER * BLOCK - row_len
         row = S + r.to(gl.int64) * stride_s
         bits = gl.load(row + offs, mask=offs < n_cols, other=float("-inf")).to(gl.int32, bitcast=True)
         sgn = bits >> 31  # 0 or -1
@@ -478,7 +557,10 @@ if _GLUON:
         # digit 1: the top D0 bits of every key
         _count_digits((key >> (32 - D0)).to(gl.int32))
         _barrier_gl()
-        c0, above = _pick_bin(bins_s.slice(0, NB0), kk, out_of_row, NB0, WARPS)
+        if CLUSTER > 1:
+            _cluster_sync(WARPS)  # every CTA of the row has counted
+        c0, above = _pick_bin(_load_bins(bins_s, 0, NB0, CLUSTER, WARPS), kk, out_of_row, NB0,
+                              WARPS)
         rem = kk - above
         # digit 2: the next D1 bits of the keys whose top D0 bits are c0 (matched as key ^ the
         # prefix below 2^(32 - D0): no second copy of the top digits held in registers)
@@ -486,8 +568,10 @@ if _GLUON:
         in0 = (key ^ (c0.to(gl.uint32, bitcast=True) << (32 - D0))) < (1 << (32 - D0))
         _count_digits(gl.where(in0, NB0 + d1, trash))
         _barrier_gl()
-        c1, above = _pick_bin(bins_s.slice(NB0, NB1), rem, gl.where(c0 == 0, out_of_row, 0),
-                              NB1, WARPS)
+        if CLUSTER > 1:
+            _cluster_sync(WARPS)
+        c1, above = _pick_bin(_load_bins(bins_s, NB0, NB1, CLUSTER, WARPS), rem,
+                              gl.where(c0 == 0, out_of_row, 0), NB1, WARPS)
         rem = rem - above
         # digit 3: the low D2 bits of the keys whose top D0 + D1 bits are (c0, c1)
         p01 = (c0 << D1) | c1
@@ -495,7 +579,9 @@ if _GLUON:
         d2 = (key & (NB2 - 1)).to(gl.int32)
         _count_digits(gl.where((key ^ lo01) < (1 << D2), NB0 + NB1 + d2, trash))
         _barrier_gl()
-        c2, above = _pick_bin(bins_s.slice(NB0 + NB1, NB2), rem,
+        if CLUSTER > 1:
+            _cluster_sync(WARPS)
+        c2, above = _pick_bin(_load_bins(bins_s, NB0 + NB1, NB2, CLUSTER, WARPS), rem,
                               gl.where(p01 == 0, out_of_row, 0), NB2, WARPS)
         rem = rem - above
         # T, and kk - rem keys above it (rem = 0 and T all ones when kk = 0: nothing is taken)
@@ -508,13 +594,27 @@ if _GLUON:
         cnt2 = gl.convert_layout(gl.reshape(cnt, [WARPS, 32]), w2)
         before = gl.reshape(_warp_rows_scan(cnt2, False, WARPS) - cnt2, [T])
         before = gl.convert_layout(before, gl.SliceLayout(1, l2))
+        gt_at = before & 0xFFFF  # this thread's first slot among the keys above T
+        eq_at = n_gt + (before >> 16)  # and among those equal to T
+        pad_hi = k
+        if CLUSTER > 1:  # after the lower ranks' picks: their counts, from their shared memory
+            c = gl.program_id(0) % CLUSTER
+            # the CTA's counts packed as cnt is: above T in bits 0-15, equal in 16-31 (at most
+            # 32768 keys a CTA, so each fits 16 bits; the int32 sum may wrap, its bits do not)
+            _store_word(gl.sum(cnt, 0), TOT, WARPS)
+            _cluster_sync(WARPS)
+            for rank in gl.static_range(CLUSTER - 1):
+                v = gl.where(rank < c, _cluster_word(tid, TOT, rank), 0)
+                gt_at += v & 0xFFFF
+                eq_at += (v >> 16) & 0xFFFF
+            _cluster_sync(WARPS)  # every CTA has read the others' shared memory: they may exit
+            pad_hi = gl.where(c == 0, k, 0)  # rank 0 writes the padding
         out = OUT + r.to(gl.int64) * stride_o
         vals = VALS + r.to(gl.int64) * stride_o
         may_inf = (thresh <= 0x00800000).to(gl.int32)  # -inf's key: a pick may be -inf
         z = gl.zeros_like(before)
         picks = [gt_m.to(gl.int32, bitcast=True), eq_m.to(gl.int32, bitcast=True),
-                 before & 0xFFFF, n_gt + (before >> 16), z + kk, tid * E, row + z, z + may_inf,
-                 out + z, vals + z]
+                 gt_at, eq_at, z + kk, first, row + z, z + may_inf, out + z, vals + z]
         if WITH_VALS:
             gl.inline_asm_elementwise(_WRITE_PICKS_VALS_ASM, "=r,r,r,r,r,r,r,l,r,l,l", picks,
                                       dtype=gl.int32, is_pure=False, pack=1)
@@ -522,10 +622,10 @@ if _GLUON:
             gl.inline_asm_elementwise(_WRITE_PICKS_IDX_ASM, "=r,r,r,r,r,r,r,l,r,l,l", picks,
                                       dtype=gl.int32, is_pure=False, pack=1)
         pad = gl.arange(0, KPAD, layout=pad_layout)
-        gl.store(out + pad, gl.full([KPAD], -1, gl.int32, pad_layout), mask=(pad >= kk) & (pad < k))
+        gl.store(out + pad, gl.full([KPAD], -1, gl.int32, pad_layout), mask=(pad >= kk) & (pad < pad_hi))
         if WITH_VALS:
             gl.store(vals + pad, gl.full([KPAD], float("-inf"), gl.float32, pad_layout),
-                     mask=(pad >= kk) & (pad < k))
+                     mask=(pad >= kk) & (pad < pad_hi))
 
 
 # keys a thread up to which the one-program-a-row select keeps them all in registers (the 2-D
@@ -539,11 +639,21 @@ RESIDENT_2D_MAX_PER_THREAD = 32
 RADIX_DIGITS = (11, 11)
 
 
+def _bins_at_zero(kernel) -> None:
+    """The cluster radix select's PTX reads the partners' bins at global_smem + 0: refuse a
+    compiled kernel whose allocator put them elsewhere."""
+    at = cluster.smem_offsets(kernel).get("bins_s")
+    if at != 0:
+        raise RuntimeError(f"topk_sm90: the radix select's bins are at shared-memory offset {at}, "
+                           f"not 0, which its cluster PTX assumes")
+
+
 def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
-             digits=RADIX_DIGITS):
+             digits=RADIX_DIGITS, cluster_size=1):
     """Launch the Gluon one-program-a-row select with ``topk._resident_kernel``'s arguments:
     ``radix``: the radix kernel; else the 2-D bisection kernel (no reload) up to
-    ``RESIDENT_2D_MAX_PER_THREAD`` keys a thread, the 1-D one above."""
+    ``RESIDENT_2D_MAX_PER_THREAD`` keys a thread, the 1-D one above. ``cluster_size`` > 1 (radix
+    only, sm90+): a cluster of that many CTAs a row, ``block`` keys each."""
     args = (scores, lengths, out, vals, scores.stride(0), out.stride(0), scores.shape[1], k)
     kw = dict(BLOCK=block, KPAD=max(2048, triton.next_power_of_2(k)), WITH_VALS=values,
               WARPS=warps, num_warps=warps)
@@ -554,8 +664,14 @@ def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
             # of the slice's size (Gluon's rule), and the third digit holds the bits left
             raise ValueError(f"topk_sm90.resident: digits must satisfy d0 >= d1 >= 32 - d0 - d1 "
                              f">= 1, got {tuple(digits)}")
-        _radix_kernel_gl[(scores.shape[0],)](*args, D0=d0, D1=d1, **kw)
+        if cluster_size > 1:
+            cluster.launch(_radix_kernel_gl, (scores.shape[0] * cluster_size,), cluster_size, args,
+                           dict(kw, D0=d0, D1=d1, CLUSTER=cluster_size), check=_bins_at_zero)
+        else:
+            _radix_kernel_gl[(scores.shape[0],)](*args, D0=d0, D1=d1, **kw)
         return
+    if cluster_size > 1:
+        raise ValueError("topk_sm90.resident: cluster_size > 1 is the radix kernel's (radix=True)")
     kernel = (_resident2d_kernel_gl if block // (32 * warps) <= RESIDENT_2D_MAX_PER_THREAD
               else _resident_kernel_gl)
     kernel[(scores.shape[0],)](*args, **kw)

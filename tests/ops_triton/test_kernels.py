@@ -453,6 +453,65 @@ def test_topk_sweep():
             assert sorted(got[r].tolist()) == sorted(want[0].tolist()), (i, length, k, r)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the cluster select is a Gluon kernel on thread-block clusters (sm90+)")
+def test_topk_cluster_matches_multi(monkeypatch):
+    """The radix select on a cluster of CTAs a row (``topk_cluster``: rows of 32K to 256K keys,
+    the clusters' histograms summed through distributed shared memory), positions and scores,
+    bit for bit against ``topk_multi``: every cluster size and block, ragged rows (0 keys, under
+    32K, one key past a block), ties, -inf, bunched scores, signed zeros, k = 1 to 2048; then
+    ``select_topk`` and the decode indexer + top-k with ``DSA_TOPK_CLUSTER=1`` against the
+    default (the same op without its fused first pass)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm90")
+    g = _gen(31)
+    for length, size, block in [(32769, 2, 32768), (40000, 4, 16384), (65536, 2, 32768),
+                                (100000, 8, 16384), (131072, 4, 32768), (131072, 8, 16384),
+                                (160000, 8, 32768), (262144, 8, 32768)]:
+        n = 6
+        s = torch.randn(n, length, generator=g)
+        s[1] = torch.randint(0, 4, (length,), generator=g).float()  # massive ties
+        s[2] = s[2].masked_fill(torch.rand(length, generator=g) < 0.99, float("-inf"))
+        s[3] = 5 + torch.rand(length, generator=g) * 1e-3  # bunched into a few bins
+        s[4, ::2] = 0.0
+        s[4, 1::2] = -0.0
+        lens = torch.tensor([length, length - 1, 0, 30000, block + 1, length // 3], dtype=torch.int32)
+        for k in (1, 777, 2048):
+            want = K.topk.topk_multi(s.to(DEV), lens.to(DEV), k, values=True)
+            got = K.topk.topk_cluster(s.to(DEV), lens.to(DEV), k, values=True, size=size, block=block)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (length, size, block, k)
+    # the policy, and the decode op at 128K with and without it
+    s = torch.randn(3, 131072, generator=g)
+    lens = torch.tensor([131072, 99999, 40000], dtype=torch.int32)
+    want = K.topk.topk_multi(s.to(DEV), lens.to(DEV), 2048)
+    monkeypatch.setenv("DSA_TOPK_CLUSTER", "1")
+    assert K.topk.cluster_sms(s.to(DEV)) > 0
+    assert torch.equal(K.select_topk(s.to(DEV), lens.to(DEV), 2048), want)
+    b, ctx = 4, 131072
+    cache, table = _paged([ctx] * b, 128, 64, g)
+    kq, ks = quantize_fp8_blocks(cache, 128)
+    q, _ = quantize_fp8_blocks(torch.randn(b, 64, 128, generator=g), 128)
+    args = (q.to(DEV), torch.rand(b, 64, generator=g).to(DEV), kq.to(DEV), ks.squeeze(-1).to(DEV),
+            table.to(DEV), torch.arange(b + 1, dtype=torch.int32, device=DEV),
+            torch.tensor([ctx, ctx - 5, 70000, 33000], dtype=torch.int32, device=DEV), 2048)
+    got = K.indexer_topk(*args, max_seqlen_k=ctx)
+    monkeypatch.setenv("DSA_TOPK_CLUSTER", "0")
+    want = K.indexer_topk(*args, max_seqlen_k=ctx)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_topk_cluster_plan():
+    """Where the cluster select goes (a pure function of the shape): rows over 32K keys, the
+    smallest block whose clusters fit one wave, none past 8 x 32K keys or one wave."""
+    plan = K.topk.cluster_plan
+    assert plan(1, 32768, 132) is None and plan(1, 262145, 132) is None and plan(1, 65536, 0) is None
+    assert plan(1, 32769, 132) == (4, 16384)
+    assert plan(16, 131072, 132) == (8, 16384) and plan(17, 131072, 132) == (4, 32768)
+    assert plan(33, 131072, 132) == (4, 32768) and plan(34, 131072, 132) is None
+    assert plan(16, 160000, 132) == (8, 32768) and plan(17, 160000, 132) is None
+    assert K.topk.resident_fits(32, 131072, radix=True, sms=132)
+    assert not K.topk.resident_fits(32, 131072, radix=True)  # sms=0: the cluster select is off
+
+
 def _indexer_case(seed, q_lens, kv_lens, h, topk, fp8, **kw):
     g = _gen(seed)
     d = 128
@@ -488,7 +547,7 @@ def test_indexer_topk_matches_reference(fp8, select, monkeypatch):
     """The op against the reference; ``multi``: the multi-program select wherever the default
     would take the one-program-a-row select (short rows: every row of these sizes)."""
     if select == "multi":
-        monkeypatch.setattr(K.indexer, "resident_fits", lambda n_rows, length, radix=None: False)
+        monkeypatch.setattr(K.indexer, "resident_fits", lambda n_rows, length, radix=None, sms=0: False)
     h = 64 if ON_GPU else 8
     q_lens, kv_lens = ([300, 1, 2], [4000, 1777, 2]) if ON_GPU else ([20, 1, 2], [60, 37, 2])
     topk = 2048 if ON_GPU else 16
