@@ -447,8 +447,8 @@ if _GLUON:
 
     @gluon.jit
     def _cluster_word(like, word, rank):
-        """The int32 at ``word`` of the shared memory of the cluster's CTA ``rank``, in every
-        element of a tensor shaped as ``like`` (each thread loads it: no reduction)."""
+        """The int32 at ``word`` (a scalar or a tensor of word indices) of the shared memory of
+        the cluster's CTA ``rank``, shaped as ``like`` (each thread loads its own)."""
         return gl.inline_asm_elementwise(_LD_CLUSTER_ASM, "=r,r,r", [like * 0 + word, like * 0 + rank],
                                          dtype=gl.int32, is_pure=False, pack=1)
 
@@ -473,8 +473,7 @@ if _GLUON:
             word = BASE + gl.arange(0, NB, layout=layout)
             hist = gl.zeros([NB], gl.int32, layout)
             for rank in gl.static_range(CLUSTER):
-                hist += gl.inline_asm_elementwise(_LD_CLUSTER_ASM, "=r,r,r", [word, word * 0 + rank],
-                                                  dtype=gl.int32, is_pure=False, pack=1)
+                hist += _cluster_word(word, word, rank)
         return hist
 
     @gluon.jit
@@ -483,7 +482,7 @@ if _GLUON:
         are not the row's: the digit of the ``rem``-th largest counted key and how many counted
         keys lie above it. The bins at or below that digit are those whose suffix count (keys
         at or above the bin) is >= rem: one packed sum counts them (bits 16 up) and the keys in
-        the bins above (bits 0-15, <= 32768)."""
+        the bins above (bits 0-15: fewer than rem <= k < 2^16)."""
         PER: gl.constexpr = NB // (32 * WARPS)
         layout: gl.constexpr = gl.BlockedLayout([1, PER], [1, 32], [WARPS, 1], [1, 0])
         hist = gl.convert_layout(gl.reshape(hist, [WARPS, 32 * PER]), layout)
