@@ -187,6 +187,11 @@ def topk(rows, k=2048):
         assert torch.equal(fn()[0], want), hb
         rows.append(dict(name=f"top-{k} of 64K-128K x {n} rows, bunched, hi_bits={hb}, multi-program",
                          ms=bench(fn, rep=50)))
+    if torch.cuda.get_device_capability()[0] >= 9:  # the cluster select over many waves (not its policy)
+        fn = lambda: K.topk.topk_cluster(s, lens, k, values=True, size=4, block=32768)  # noqa: E731
+        assert torch.equal(fn()[0], want), "cluster"
+        rows.append(dict(name=f"top-{k} of 64K-128K x {n} rows, bunched, radix on clusters of 4 x 32K keys",
+                         ms=bench(fn, rep=50)))
 
 
 def topk_short(rows, k=2048):

@@ -37,10 +37,12 @@ def test_kernel_sass_compiles_every_preset():
     assert len(loop_lines) >= 2 and all("FMNMX" in ln for ln in loop_lines[:2]), r.stdout
     names = re.findall(r"^(\w+) \(_\w+\): \d+ registers", r.stdout, re.M)
     assert {"indexer_prefill", "indexer_decode", "topk_compact", "sparse_mla_triton_fp8",
-            "rope_q_pe", "kv_store_fp8", "kv_store_bf16", "topk_radix_gluon"} <= set(names), r.stdout
-    # the radix select's inline PTX addresses its bins at global_smem + 0: checked in its PTX
-    radix = r.stdout.split("topk_radix_gluon (", 1)[1].splitlines()
-    assert radix[1] == "  first allocation at global_smem + 0: yes", r.stdout
+            "rope_q_pe", "kv_store_fp8", "kv_store_bf16", "topk_radix_gluon", "topk_radix_cluster4",
+            "topk_radix_cluster8", "sparse_mla_sm90_fp8_pair"} <= set(names), r.stdout
+    # the radix select's inline PTX (and its cluster form's) addresses its bins at global_smem + 0
+    for name in ("topk_radix_gluon", "topk_radix_cluster4", "topk_radix_cluster8"):
+        radix = r.stdout.split(f"{name} (", 1)[1].splitlines()
+        assert radix[1] == "  first allocation at global_smem + 0: yes", (name, r.stdout)
     # the sparse MLA cluster pair's PTX offsets come from the allocator, once per compile
     pair = r.stdout.split("sparse_mla_sm90_fp8_pair (", 1)[1].splitlines()
     offs = dict(re.findall(r"(\w+) (\d+)", pair[1].split(": ", 1)[1]))
