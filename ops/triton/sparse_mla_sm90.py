@@ -139,9 +139,10 @@ if _GLUON:
     # it (its free barriers count two arrivals, one remote). Gluon 3.6 has no cluster API, so the
     # remote operations are inline PTX on offsets into ``global_smem`` (K_OFF, READY_OFF,
     # FREE_OFF: the k_nope_s, k_ready and k_free allocations), which ``launch`` takes from
-    # Triton's own allocator (``smem_offsets``) and checks on every compiled kernel. They reach
-    # the partitions as runtime values: warp_specialize passes its arguments so, constexprs
-    # included, which is also why PAIR is bound by the entry functions (``_wg0_solo`` ...).
+    # Triton's own allocator (``cluster.smem_offsets``) and checks on every compiled kernel.
+    # They reach the partitions as runtime values: warp_specialize passes its arguments so,
+    # constexprs included, which is also why PAIR is bound by the entry functions
+    # (``_wg0_solo`` ...).
     _ONE_A_THREAD = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
     _CLUSTER_SYNC_ASM = gl.constexpr(
         "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
@@ -739,9 +740,6 @@ def pair_enabled() -> bool:
     return os.environ.get(PAIR_ENV, "0") == "1"
 
 
-smem_offsets = cluster.smem_offsets  # (kept here for tools/kernel_sass.py's presets)
-
-
 _PAIR_OFFSETS: dict = {}
 
 
@@ -751,8 +749,8 @@ def _pair_consts(args, consts) -> dict:
     key = tuple(sorted(consts.items()))
     if key not in _PAIR_OFFSETS:
         probe = dict(consts, **{c: 0 for c in PAIR_ALLOCS})
-        found = smem_offsets(cluster.compiled(_sparse_mla_fwd_sm90, args,
-                                              dict(probe, num_warps=4, maxnreg=KERNEL_REGS)))
+        found = cluster.smem_offsets(cluster.compiled(
+            _sparse_mla_fwd_sm90, args, dict(probe, num_warps=4, maxnreg=KERNEL_REGS)))
         missing = [n for n in PAIR_ALLOCS.values() if n not in found]
         if missing:
             raise RuntimeError(f"sparse MLA cluster pair: no shared-memory offset found for "
@@ -764,7 +762,7 @@ def _pair_consts(args, consts) -> dict:
 def check_pair_offsets(kernel, consts) -> None:
     """Raise unless the compiled pair kernel's allocation puts k_nope_s, k_ready and k_free at
     the offsets its PTX was built with (``consts``' K_OFF, READY_OFF, FREE_OFF)."""
-    found = smem_offsets(kernel)
+    found = cluster.smem_offsets(kernel)
     wrong = {c: (consts[c], found.get(n)) for c, n in PAIR_ALLOCS.items() if found.get(n) != consts[c]}
     if wrong:
         raise RuntimeError(f"sparse MLA cluster pair: shared-memory offsets (built, allocated) "
