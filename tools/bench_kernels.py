@@ -151,7 +151,8 @@ def indexer_logits(rows, peak, bw, t=4096, kv=8192, h=64, d=128):
 
 
 def topk(rows, k=2048):
-    for n, length in ((64, 32768), (1024, 32768), (132, 32768), (1, 131072), (8, 131072), (32, 131072)):
+    for n, length in ((64, 32768), (1024, 32768), (132, 32768), (1, 131072), (8, 131072), (32, 131072),
+                      (64, 131072)):
         s = torch.randn(n, length, device=DEV)
         lens = torch.full((n,), length, dtype=torch.int32, device=DEV)
         gb = n * length * 4 / 1e6
@@ -168,12 +169,14 @@ def topk(rows, k=2048):
         ms = bench(lambda: K.select_topk(s, lens, k))
         rows.append(dict(name=f"{name}: select_topk policy", ms=ms, gbps=gb / ms))
         plan = K.topk.cluster_plan(n, length, torch.cuda.get_device_properties(DEV).multi_processor_count)
-        if plan is not None and torch.cuda.get_device_capability()[0] >= 9:
-            fn = lambda: K.topk.topk_cluster(s, lens, k)  # noqa: E731
+        if length > K.topk.RESIDENT_MAX and torch.cuda.get_device_capability()[0] >= 9:
+            # past one wave (no plan) with 32K keys a CTA: data for a wider policy
+            size, block = plan or (triton.next_power_of_2(triton.cdiv(length, 32768)), 32768)
+            fn = lambda: K.topk.topk_cluster(s, lens, k, size=size, block=block)  # noqa: E731
             assert torch.equal(fn(), want), (name, "cluster")
             ms = bench(graph_replay(fn))
-            rows.append(dict(name=f"{name}: radix on clusters of {plan[0]} x {plan[1]} keys, CUDA graph",
-                             ms=ms, gbps=gb / ms))
+            rows.append(dict(name=f"{name}: radix on clusters of {size} x {block} keys"
+                                  f"{'' if plan else ' (outside its policy)'}, CUDA graph", ms=ms, gbps=gb / ms))
         ms_t = bench(lambda: torch.topk(s, k, dim=-1))
         rows.append(dict(name="  baseline: torch.topk (ties unspecified)", ms=ms_t))
     # a prefill chunk of the indexer's shape: 512 rows of 64K-128K keys bunched within one power
