@@ -418,15 +418,8 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
         rows.append(dict(name=f"decode indexer+top-{topk} B={b} ctx={ctx}, cluster select, CUDA graph",
                          ms=ms, gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # baseline: the same graph with plain launches (no programmatic dependent launch, pdl.py)
-    before = os.environ.get("DSA_PDL")
-    os.environ["DSA_PDL"] = "0"
-    try:
+    with _env("DSA_PDL", "0"):
         ms = bench(graph_replay(lambda: K.indexer_topk(q, w, kq, ks, table, cu, sk, topk, max_seqlen_k=ctx)))
-    finally:
-        if before is None:
-            del os.environ["DSA_PDL"]
-        else:
-            os.environ["DSA_PDL"] = before
     rows.append(dict(name=f"  baseline: the same graph, plain launches (DSA_PDL=0) B={b}", ms=ms,
                      gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
     # where the time goes: the logits kernel alone, and the top-k alone on its output

@@ -36,6 +36,11 @@ def _device_info(index: int) -> tuple[bool, int]:
     return props.major >= 9, props.multi_processor_count
 
 
+def device_info(t: torch.Tensor) -> tuple[bool, int]:
+    """(sm90 or newer, SM count) of the CUDA device ``t`` is on (cached per device)."""
+    return _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def pdl_level(t: torch.Tensor, programs: int) -> int:
     """The PDL form of a launch of ``programs`` programs over ``t``: its ``PDL`` constexpr, with
     ``**launch_opts(level)``. 0: plain; 1: wait for the previous kernel at the top; 2: also
@@ -49,7 +54,7 @@ def pdl_level(t: torch.Tensor, programs: int) -> int:
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return 0
-    sm90, sms = _device_info(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    sm90, sms = device_info(t)
     if not sm90:
         return 0
     if mode in ("1", "2"):
@@ -78,4 +83,4 @@ else:  # pragma: no cover
         pass
 
 
-__all__ = ["grid_dep", "launch_opts", "pdl_level"]
+__all__ = ["device_info", "grid_dep", "launch_opts", "pdl_level"]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import topk_sm90
-from .pdl import _device_info, grid_dep, launch_opts, pdl_level
+from .pdl import device_info, grid_dep, launch_opts, pdl_level
 from .topk_sm90 import WARP_GROUP_COUNT_ASM
 
 
@@ -608,12 +608,8 @@ def cluster_sms(t: torch.Tensor) -> int:
         return 0
     if not radix_serves(t):
         return 0
-    sm90, sms = _device_info(_index(t))
+    sm90, sms = device_info(t)
     return sms if sm90 else 0
-
-
-def _index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 def cluster_plan(n_rows: int, length: int, sms: int) -> tuple[int, int] | None:
@@ -733,7 +729,7 @@ def topk_cluster(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bo
     n, length = scores.shape
     if scores.stride(-1) != 1:
         raise ValueError("topk_cluster: scores must have unit stride along the row")
-    if not topk_sm90.available(scores) or not _device_info(_index(scores))[0]:
+    if not topk_sm90.available(scores) or not device_info(scores)[0]:
         raise ValueError("topk_cluster: needs an sm90+ GPU, Gluon and no Triton interpreter")
     if not 0 <= k < 65536:
         raise ValueError(f"topk_cluster: k must be in [0, 65536), got {k}")
@@ -741,7 +737,7 @@ def topk_cluster(scores: torch.Tensor, lengths: torch.Tensor, k: int, values: bo
         raise ValueError(f"topk_cluster: rows of {RESIDENT_MAX + 1} to "
                          f"{CLUSTER_MAX * RESIDENT_MAX} keys, got {length}")
     if size is None or block is None:  # cluster_plan's, or 32K keys a CTA past one wave
-        plan = (cluster_plan(n, length, _device_info(_index(scores))[1])
+        plan = (cluster_plan(n, length, device_info(scores)[1])
                 or (triton.next_power_of_2(triton.cdiv(length, RESIDENT_MAX)), RESIDENT_MAX))
         size, block = (size or plan[0]), (block or plan[1])
     if size & (size - 1) or not 2 <= size <= CLUSTER_MAX:
