@@ -438,6 +438,46 @@ def _decode_indexer(rows, bw, b, ctx, h, d, topk):
                    f"decode indexer+top-k B={b}")
 
 
+def decode_logits_configs(rows, bw, ctx=131072, h=64, d=128):
+    """The decode step's logits kernel alone (CUDA graph) over its launch configuration: key tile,
+    warps, stages and tiles a program, without and with the fused pass-1 histogram. Data for the
+    B=32 target (the logits took 158 us = 82% of copy at the default 128-key tiles, 4 warps, 2
+    stages; 70% of HBM for the whole op needs them near 147 us). Every config's scores are checked
+    against the default's first (same products, so equal up to the MMA's summation order)."""
+    for b in (32, 64):
+        q, w, kq, ks, table, cu, sk = _decode_inputs(b, ctx, h, d)
+        progs, _ = K.indexer.decode_plan(cu, sk, 0, b, ctx)
+        kc, kscale = kq.view(-1, d), ks.view(-1)
+        nbytes = b * ctx * (d + 4)
+        split = K.topk.default_hist_split(b)
+
+        def run(block_n, warps, stages, tpp, hist):
+            return K.indexer.indexer_logits(q, w, kc, kscale, table, progs, 0, b, ctx, 64, 1, block_n,
+                                            num_warps=warps, num_stages=stages, tiles_per_prog=tpp,
+                                            hist=hist, hi_bits=13, hist_split=split)
+
+        want = run(128, 4, 2, None, None)
+        tol = 1e-5 * want.abs().amax(1, keepdim=True)
+        configs = [(bn, wp, st, None) for bn in (64, 128, 256) for wp in (4, 8) for st in (2, 3, 4)]
+        configs += [(128, 4, 2, tpp) for tpp in (4, 8, 16, 64)]
+        for block_n, warps, stages, tpp in configs:
+            for fused in (False, True):
+                hist = K.topk.hist_workspace(b, 13, split, DEV) if fused else None
+                try:
+                    got = run(block_n, warps, stages, tpp, hist)
+                    assert ((got - want).abs() <= tol).all(), "scores differ from the default's"
+                    ms = bench(graph_replay(lambda: run(block_n, warps, stages, tpp, hist)))
+                except Exception as e:  # noqa: BLE001  (out of shared memory, say): note, go on
+                    rows.append(dict(name=f"  logits B={b} {block_n} keys {warps}w {stages}s "
+                                          f"tpp={tpp} FAILED: {type(e).__name__}: {e}"[:200]))
+                    continue
+                rows.append(dict(name=f"logits B={b} ctx={ctx}: {block_n}-key tiles, {warps} warps, "
+                                      f"{stages} stages, tiles/prog {tpp or 'auto'}"
+                                      f"{', fused hist' if fused else ''}, CUDA graph",
+                                 ms=ms, gbps=nbytes / ms / 1e6, pct_hbm=100 * nbytes / ms / 1e6 / bw))
+        del q, w, kq, ks, table
+
+
 def kernel_profile(rows, fn, label, reps=10):
     """Device time per kernel of ``fn`` (eager; torch.profiler), averaged over ``reps`` calls."""
     fn()
@@ -482,7 +522,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
                     help="comma list: prefill,indexer,topk,topk_short,decode,decode_sweep,idx128k,"
-                         "idxshort,idxsel,rope,kvstore")
+                         "idxshort,idxcfg,idxsel,rope,kvstore")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -496,6 +536,7 @@ def main():
              ("topk_short", lambda: topk_short(rows)),
              ("idx128k", lambda: decode_indexer_128k(rows, bw)),
              ("idxshort", lambda: decode_indexer_short(rows, bw)),
+             ("idxcfg", lambda: decode_logits_configs(rows, bw)),
              ("idxsel", lambda: indexer_select(rows, bw)),
              ("rope", lambda: rope(rows, bw)),
              ("kvstore", lambda: kv_store(rows, bw))]
