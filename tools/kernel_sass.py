@@ -44,17 +44,19 @@ K = kernels()
 
 
 def _preset(fn, types, constexprs, num_warps, num_stages=1, divisible=(), maxnreg=None,
-            smem_base=False, smem_offsets=None):
+            smem_base=False, smem_offsets=None, check=None):
     """A kernel, the types of its runtime arguments (the rest are constexprs), its constexprs,
     launch options, and the arguments known to be multiples of 16 (all pointers always are).
     ``smem_base``: the kernel's inline PTX addresses its first shared-memory allocation as
     offset 0 of ``global_smem``; the report checks that (``first_store_at_smem_base``).
     ``smem_offsets``: {constexpr: allocation name} that the kernel's inline PTX addresses (the sparse
     MLA cluster pair's); they are set from a first compile's allocation and checked on the second
-    (``cluster.smem_offsets``, ``sparse_mla_sm90.check_pair_offsets``), as its launcher does."""
+    (``cluster.smem_offsets``, ``sparse_mla_sm90.check_pair_offsets``), as its launcher does.
+    ``check``: the launcher's own check of the compiled kernel (it raises to refuse it), reported
+    as passed or failed."""
     return dict(fn=fn, types=types, constexprs=constexprs, num_warps=num_warps,
                 num_stages=num_stages, divisible=divisible, maxnreg=maxnreg, smem_base=smem_base,
-                smem_offsets=smem_offsets)
+                smem_offsets=smem_offsets, check=check)
 
 
 def first_store_at_smem_base(ptx: str) -> bool:
@@ -136,7 +138,8 @@ def presets() -> dict:
         **{f"topk_radix_cluster{size}": _preset(
             K.topk_sm90._radix_kernel_gl, topk_types,
             dict(BLOCK=131072 // size, KPAD=2048, WITH_VALS=True, WARPS=32, D0=11, D1=11,
-                 CLUSTER=size), 32, divisible=topk_div, smem_base=True)
+                 CLUSTER=size), 32, divisible=topk_div, smem_base=True,
+            check=K.topk_sm90._bins_alone_at_zero(K.topk_sm90.radix_bins_bytes(11, 11)))
            for size in (4, 8)},
         # the 1-D form, with its reload, for more than 32 keys a thread (8K keys on 4 warps)
         "topk_resident_gluon_1d": _preset(K.topk_sm90._resident_kernel_gl, topk_types,
@@ -263,7 +266,13 @@ def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
                wgmma_waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
                instructions=len(_INSTR.findall(sass)), loops=loops(sass),
                smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None,
-               smem_offsets=None)
+               smem_offsets=None, check=None)
+    if p.get("check"):
+        try:
+            p["check"](kernel)
+            row["check"] = "passed"
+        except RuntimeError as e:
+            row["check"] = f"FAILED: {e}"
     if p.get("smem_offsets"):
         found = K.cluster.smem_offsets(kernel)
         row["smem_offsets"] = {n: found[n] for n in p["smem_offsets"].values()}
@@ -297,6 +306,10 @@ def main(argv=None):
         if r["smem_offsets"]:
             print("  inline PTX addresses (global_smem + offset): "
                   + ", ".join(f"{n} {o}" for n, o in r["smem_offsets"].items()))
+        if r["check"] is not None:
+            print(f"  the launcher's check: {r['check']}")
+            if r["check"] != "passed":
+                failed.append(name)
         if r["smem_base"] is not None:
             print(f"  first allocation at global_smem + 0: {'yes' if r['smem_base'] else 'NO'}")
             if not r["smem_base"]:
@@ -306,7 +319,7 @@ def main(argv=None):
             print(f"  loop 0x{lp['start']:x}-0x{lp['end']:x}: {lp['n']} instructions; {mix}")
     if failed:
         sys.exit(f"kernel_sass: {failed}: the first shared-memory allocation is not at offset 0 "
-                 f"of global_smem, which their inline PTX assumes")
+                 f"of global_smem, which their inline PTX assumes, or the launcher's check failed")
 
 
 if __name__ == "__main__":

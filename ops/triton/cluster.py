@@ -40,6 +40,14 @@ def launch(fn, grid: tuple, size: int, args: tuple, kwargs: dict,
     with torch.cuda.device(device):  # the patched kernel is the one in this device's cache
         kernel = compiled(fn, args, kwargs)
         if kernel.packed_metadata[1] != size:
+            # the launcher sizes a kernel's global and profile scratch by the grid it is given
+            # times the compiled num_ctas read at load time (1), so a cluster launch would
+            # overrun them: refuse kernels that have any (ours have none)
+            scratch = {n: getattr(kernel.metadata, n, 0) or 0
+                       for n in ("global_scratch_size", "profile_scratch_size")}
+            if any(scratch.values()):
+                raise RuntimeError(f"cluster.launch: {fn.__name__} uses global scratch "
+                                   f"({scratch}), which a cluster launch would overrun")
             if check is not None:
                 check(kernel)
             num_warps, _, shared = kernel.packed_metadata
@@ -49,9 +57,18 @@ def launch(fn, grid: tuple, size: int, args: tuple, kwargs: dict,
 
 def smem_offsets(compiled) -> dict[str, int]:
     """Byte offsets from ``global_smem`` that Triton's allocator gives a compiled kernel's named
-    shared-memory allocations: its TTGIR run again through the passes that precede the lowering
-    to LLVM, up to the allocation (Triton 3.6's ``make_llir``). Raises where this Triton's
-    passes or IR differ, naming what is missing."""
+    shared-memory allocations (``smem_allocations``' first part)."""
+    return smem_allocations(compiled)[0]
+
+
+def smem_allocations(compiled) -> tuple[dict[str, int], list[int]]:
+    """Where Triton's allocator put a compiled kernel's shared memory, as byte offsets from
+    ``global_smem``: its named allocations, and the offsets of every scratch buffer (layout
+    conversions, reductions, scans). Found by running its TTGIR again through the passes that
+    precede the lowering to LLVM, up to the allocation (Triton 3.6's ``make_llir``). The
+    allocator overlaps buffers whose live ranges it sees as disjoint, and it does not see inline
+    PTX: a kernel whose PTX addresses an allocation checks that no scratch lands in it. Raises
+    where this Triton's passes or IR differ, naming what is missing."""
     try:
         from triton._C.libtriton import ir, nvidia, passes
         from triton.backends.nvidia.compiler import get_ptx_version_from_options
@@ -78,5 +95,8 @@ def smem_offsets(compiled) -> dict[str, int]:
     text = str(mod)
     del pm, mod  # before their context (else nanobind reports them leaked at exit)
     gc.collect()
-    return {name: int(off) for name, off in re.findall(
+    named = {name: int(off) for name, off in re.findall(
         r"%(\w+) = ttg\.local_alloc[^\n]*allocation\.offset = (\d+)", text)}
+    scratch = [int(off) for line in text.splitlines() if "ttg.local_alloc" not in line
+               for off in re.findall(r"allocation\.offset = (\d+)", line)]
+    return named, scratch

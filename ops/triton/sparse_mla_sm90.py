@@ -173,7 +173,11 @@ if _GLUON:
         reach its shared memory."""
         _per_thread_asm(_CLUSTER_SYNC_ASM)
 
-    # thread 0 ($1 == 0): arrive on the partner CTA's mbarrier at global_smem + $2
+    # thread 0 ($1 == 0): arrive on the partner CTA's mbarrier at global_smem + $2. The form
+    # CUTLASS's ClusterBarrier::arrive(cta_id) uses (the default .release.cta): what it orders
+    # is this CTA's wgmma reads of a half tile before the partner's bulk copy overwrites it, a
+    # write-after-read that the partner's wait on the barrier and its copy's issue already
+    # serialize; a .release.cluster arrive would be the memory model's formal form.
     _REMOTE_ARRIVE_ASM = gl.constexpr(
         "{ .reg .b32 a, r; .reg .pred p; setp.eq.s32 p, $1, 0; "
         "mov.u32 r, %cluster_ctarank; xor.b32 r, r, 1; "

@@ -612,16 +612,24 @@ def cluster_sms(t: torch.Tensor) -> int:
     return sms if sm90 else 0
 
 
+# SMs a GPC (graphics processing cluster) is taken to hold at least: a thread-block cluster's
+# CTAs run on one GPC, so a wave holds GPCs x (GPC_SMS // size) clusters, not sms // size.
+# The H100 SXM and H200 have 132 SMs over 8 GPCs of 16 or 18 (the GH100's 144 less disabled
+# TPCs; the split is the part's, not read from the device), so clusters of 8 fit 16 a wave.
+GPC_SMS = 16
+
+
 def cluster_plan(n_rows: int, length: int, sms: int) -> tuple[int, int] | None:
     """(CTAs a row, keys a CTA) for ``topk_cluster`` on rows of ``RESIDENT_MAX`` < ``length``
     <= ``CLUSTER_MAX * RESIDENT_MAX`` keys: the smallest block of 16K or 32K keys whose
     clusters (a power of two of CTAs, at most ``CLUSTER_MAX``) fit one wave of ``sms`` CTAs,
-    one a SM; None where none does (more rows: ``topk_multi``), or ``sms`` is 0."""
+    one a SM, counted by GPC (``GPC_SMS``); None where none does (more rows: ``topk_multi``),
+    or ``sms`` is 0."""
     if sms <= 0 or not RESIDENT_MAX < length <= CLUSTER_MAX * RESIDENT_MAX:
         return None
     for block in (RESIDENT_MAX // 2, RESIDENT_MAX):
         size = triton.next_power_of_2(triton.cdiv(length, block))
-        if size <= CLUSTER_MAX and n_rows * size <= sms:
+        if size <= CLUSTER_MAX and n_rows <= (sms // GPC_SMS) * (GPC_SMS // size):
             return size, block
     return None
 

@@ -607,6 +607,12 @@ if _GLUON:
                 gt_at += v & 0xFFFF
                 eq_at += (v >> 16) & 0xFFFF
             _cluster_sync(WARPS)  # every CTA has read the others' shared memory: they may exit
+            # Every read of the bins since their clearing is inline PTX, which Triton's
+            # allocator does not see: without a use here it takes them for dead after the
+            # clearing and puts the scratch of the scans and sums above inside them, where the
+            # partners' DSMEM reads race its stores. A store the allocator sees keeps them live
+            # to this point (checked per compiled kernel: _bins_alone_at_zero).
+            _clear_bins(bins_s.slice(0, 32 * WARPS), WARPS)
             pad_hi = gl.where(c == 0, k, 0)  # rank 0 writes the padding
         out = OUT + r.to(gl.int64) * stride_o
         vals = VALS + r.to(gl.int64) * stride_o
@@ -638,13 +644,28 @@ RESIDENT_2D_MAX_PER_THREAD = 32
 RADIX_DIGITS = (11, 11)
 
 
-def _bins_at_zero(kernel) -> None:
-    """The cluster radix select's PTX reads the partners' bins at global_smem + 0: refuse a
-    compiled kernel whose allocator put them elsewhere."""
-    at = cluster.smem_offsets(kernel).get("bins_s")
-    if at != 0:
-        raise RuntimeError(f"topk_sm90: the radix select's bins are at shared-memory offset {at}, "
-                           f"not 0, which its cluster PTX assumes")
+def radix_bins_bytes(d0: int, d1: int) -> int:
+    """Bytes of the radix select's one shared buffer (``_radix_kernel_gl``'s ``bins_s``): the
+    three digits' bins, 32 trash bins, the counts word, padded to a power of two."""
+    return 4 * triton.next_power_of_2((1 << d0) + (1 << d1) + (1 << (32 - d0 - d1)) + 64)
+
+
+def _bins_alone_at_zero(nbytes: int):
+    """The check of a compiled cluster radix select: its PTX reads the partners' bins at
+    global_smem + 0 until its last cluster barrier, so the bins must sit at offset 0 and no
+    scratch buffer of Triton's may lie in their ``nbytes`` (the allocator, blind to inline PTX,
+    overlapped them once: the scans' scratch raced the partners' reads)."""
+    def check(kernel) -> None:
+        named, scratch = cluster.smem_allocations(kernel)
+        at = named.get("bins_s")
+        if at != 0:
+            raise RuntimeError(f"topk_sm90: the radix select's bins are at shared-memory offset "
+                               f"{at}, not 0, which its cluster PTX assumes")
+        inside = sorted({o for o in scratch if o < nbytes})
+        if inside:
+            raise RuntimeError(f"topk_sm90: scratch at shared-memory offsets {inside} lies in "
+                               f"the cluster radix select's bins [0, {nbytes})")
+    return check
 
 
 def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
@@ -665,7 +686,8 @@ def resident(scores, lengths, out, vals, k, block, values, warps, radix=False,
                              f">= 1, got {tuple(digits)}")
         if cluster_size > 1:
             cluster.launch(_radix_kernel_gl, (scores.shape[0] * cluster_size,), cluster_size, args,
-                           dict(kw, D0=d0, D1=d1, CLUSTER=cluster_size), check=_bins_at_zero)
+                           dict(kw, D0=d0, D1=d1, CLUSTER=cluster_size),
+                           check=_bins_alone_at_zero(radix_bins_bytes(d0, d1)))
         else:
             _radix_kernel_gl[(scores.shape[0],)](*args, D0=d0, D1=d1, **kw)
         return

@@ -501,13 +501,16 @@ def test_topk_cluster_matches_multi(monkeypatch):
 
 def test_topk_cluster_plan():
     """Where the cluster select goes (a pure function of the shape): rows over 32K keys, the
-    smallest block whose clusters fit one wave, none past 8 x 32K keys or one wave."""
+    smallest block whose clusters fit one wave (clusters counted by GPCs of 16 SMs: 8 on 132
+    SMs), none past 8 x 32K keys or one wave."""
     plan = K.topk.cluster_plan
     assert plan(1, 32768, 132) is None and plan(1, 262145, 132) is None and plan(1, 65536, 0) is None
     assert plan(1, 32769, 132) == (4, 16384)
     assert plan(16, 131072, 132) == (8, 16384) and plan(17, 131072, 132) == (4, 32768)
-    assert plan(33, 131072, 132) == (4, 32768) and plan(34, 131072, 132) is None
+    assert plan(32, 131072, 132) == (4, 32768) and plan(33, 131072, 132) is None  # 132 // 4 = 33
     assert plan(16, 160000, 132) == (8, 32768) and plan(17, 160000, 132) is None
+    assert plan(64, 40000, 132) == (2, 32768) and plan(65, 40000, 132) is None  # 132 // 2 = 66
+    assert plan(14, 131072, 114) == (8, 16384) and plan(15, 131072, 114) == (4, 32768)  # 7 GPCs
     assert K.topk.resident_fits(32, 131072, radix=True, sms=132)
     assert not K.topk.resident_fits(32, 131072, radix=True)  # sms=0: the cluster select is off
     if not ON_GPU or torch.cuda.get_device_capability()[0] < 9:
