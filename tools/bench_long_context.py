@@ -4,6 +4,7 @@ rope 64, indexer 64 x 128, top-2048) against the same layer with dense attention
 context lengths: time and peak memory of prefill and of one decode step.
 
     python tools/bench_long_context.py [--contexts 8192,32768,65536,131072] [--batch 1]
+                                       [--dense auto|ours|flashmla] [--flashmla-dir DIR]
                                        [--out results.json] [--plot plot.png]
 
 DSA = the model's own MLA module (``dsa_ascend.model.mla.MLA``) on the ``cuda`` backend: the
@@ -11,9 +12,12 @@ projections, the FP8 lightning indexer + top-k (Triton), sparse MLA (Triton), th
 Weights are random bf16 (the projections are the same GEMMs on both sides).
 Dense prefill = the same projections + the MHA form (per-head k_nope / v expanded from the
 latent) through torch SDPA (flash / memory-efficient kernels), causal. Dense decode = the same
-projections + absorbed MLA over every cached entry with our Triton MLA kernel (indices = all
-positions, split over the keys): its bandwidth is reported so that the baseline's strength is
-visible. Both decode sides read the same bf16 latent cache. Decode steps are timed as CUDA-graph
+projections + absorbed MLA over every cached entry: FlashMLA's dense decode kernel
+(``flash_mla_with_kvcache`` on the paged bf16 cache, the strong baseline the CUDA issue asks for)
+where the ``flash_mla`` package imports (``--dense auto``, the default), else our Triton MLA kernel
+(indices = all positions, split over the keys). The dense attention's bandwidth and TFLOPS are
+reported so that the baseline's strength is visible, and with FlashMLA our kernel's dense
+attention is timed beside it. Both decode sides read the same bf16 latent cache. Decode steps are timed as CUDA-graph
 replays (as a serving engine runs decode; the eager time is reported beside them), prefill eagerly.
 """
 
@@ -162,9 +166,19 @@ def dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     return run
 
 
+def flash_mla():
+    """The ``flash_mla`` module (FlashMLA built for sm90), or None."""
+    try:
+        import flash_mla as fm
+    except ImportError:
+        return None
+    return fm
+
+
 @torch.inference_mode()
-def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
-    """Same projections; absorbed MLA over all ctx_len cached entries (Triton kernel, split-K)."""
+def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False, impl="ours"):
+    """Same projections; absorbed MLA over all ctx_len cached entries: ``impl`` "ours" (Triton
+    kernel, split-K) or "flashmla" (FlashMLA's dense decode on the same paged cache)."""
     K = kernels()
     c = layer.ctx.config
     x = torch.randn(batch, c.dim, device=DEV, dtype=BF16)
@@ -179,9 +193,22 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     splits = max(1, min(64, sms // (batch * 2)))
 
-    def attention(q_full):
-        return K.sparse_mla_fwd(q_full, kv, idx, table, rows, layer.softmax_scale, layer.latent,
-                                num_splits=splits)[0]
+    if impl == "flashmla":
+        fm = flash_mla()
+        meta, _ = fm.get_mla_metadata()  # filled by the first call, reused by the rest
+        fkv = kv.view(kv.shape[0], kv.shape[1], 1, kv.shape[2])
+        ftable = table.contiguous()
+        seqlens = torch.full((batch,), ctx_len, device=DEV, dtype=torch.int32)
+
+        def attention(q_full):
+            return fm.flash_mla_with_kvcache(q_full.view(batch, 1, h, -1), fkv, ftable, seqlens,
+                                             layer.latent, meta, None,
+                                             softmax_scale=layer.softmax_scale,
+                                             causal=False)[0].view(batch, h, -1)
+    else:
+        def attention(q_full):
+            return K.sparse_mla_fwd(q_full, kv, idx, table, rows, layer.softmax_scale,
+                                    layer.latent, num_splits=splits)[0]
 
     def run():
         q = layer.q_b_proj(layer.q_a_layernorm(layer.q_a_proj(x))).view(batch, h, nope + rope)
@@ -195,6 +222,13 @@ def dense_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
         return layer.o_proj(o.flatten(1))
 
     q_only = torch.randn(batch, h, 576, device=DEV, dtype=BF16)
+    if impl != "ours":  # the baseline computes what ours does (bf16 outputs of fp32 sums)
+        want = K.sparse_mla_fwd(q_only, kv, idx, table, rows, layer.softmax_scale, layer.latent,
+                                num_splits=splits)[0].float()
+        err = ((attention(q_only).float() - want).norm() / want.norm()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"dense decode: {impl}'s attention differs from ours by {err:.3g} "
+                               f"(relative) at context {ctx_len}")
     ms_attn = do_bench(lambda: attention(q_only), warmup=10, rep=200, return_mode="median")
     nbytes = batch * ctx_len * kv.shape[-1] * kv.element_size()
     flops = 2 * batch * h * ctx_len * (576 + 512)
@@ -211,6 +245,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--dense", default="auto", choices=("auto", "ours", "flashmla"),
+                    help="the dense decode attention: FlashMLA's where it imports (auto), or ours")
+    ap.add_argument("--flashmla-dir", default=None, help="folder holding the built flash_mla package")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables of one DSA prefill and one decode step")
     args = ap.parse_args()
@@ -218,6 +255,13 @@ def main():
     if args.profile:
         return profile(int(args.contexts.split(",")[0]), args.batch)
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.flashmla_dir:
+        sys.path.insert(0, os.path.abspath(args.flashmla_dir))
+    dense = args.dense
+    if dense == "auto":
+        dense = "flashmla" if flash_mla() is not None else "ours"
+    elif dense == "flashmla" and flash_mla() is None:
+        sys.exit("--dense flashmla: the flash_mla package does not import (see --flashmla-dir)")
     results = []
     for L in contexts:
         row = dict(context=L, batch=args.batch)
@@ -237,11 +281,15 @@ def main():
         row["dsa_decode_eager_ms"], row["dsa_decode_peak_bytes"] = timed(
             dsa_decode(layer, cache, cos, sin, args.batch, L))
         row["dsa_decode_ms"], _ = timed(dsa_decode(layer, cache, cos, sin, args.batch, L, graph=True))
-        run, _, _, _ = dense_decode(layer, cache, cos, sin, args.batch, L)
+        run, _, _, _ = dense_decode(layer, cache, cos, sin, args.batch, L, impl=dense)
         row["dense_decode_eager_ms"], row["dense_decode_peak_bytes"] = timed(run)
         run, ms_attn, nbytes, flops = dense_decode(layer, cache, cos, sin, args.batch, L,
-                                                   graph=True)
+                                                   graph=True, impl=dense)
         row["dense_decode_ms"], _ = timed(run)
+        row["dense_decode_impl"] = dense
+        if dense != "ours":  # our own dense attention beside the baseline's
+            _, ms_ours, _, _ = dense_decode(layer, cache, cos, sin, args.batch, L)
+            row["dense_decode_attention_ours_ms"] = ms_ours
         row["dense_decode_attention_ms"] = ms_attn
         row["dense_decode_attention_gbps"] = nbytes / ms_attn / 1e6
         row["dense_decode_attention_tflops"] = flops / ms_attn / 1e9
@@ -251,7 +299,8 @@ def main():
         del layer, cache
         torch.cuda.empty_cache()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d"), layer="DeepSeek-V3.2 MLA+indexer, bf16 weights")
+                date=time.strftime("%Y-%m-%d"), layer="DeepSeek-V3.2 MLA+indexer, bf16 weights",
+                dense_decode=dense)
     print(f"{'context':>8} {'DSA pre':>9} {'dense pre':>9} {'x':>5} {'DSA dec':>8} {'dense dec':>9} "
           f"{'x':>5} {'dense attn GB/s':>15}")
     for r in results:
@@ -294,7 +343,8 @@ def plot(results, meta, path):
         if all(r.get(key) for r in results):
             axes[0].plot(ctx, [r[key] for r in results], "o-", label=label)
     axes[0].set(title="prefill time", xlabel="context (K tokens)", ylabel="ms", yscale="log")
-    for key, label in (("dsa_decode_ms", "DSA decode"), ("dense_decode_ms", "dense decode")):
+    dense_label = "dense decode" + (" (FlashMLA)" if meta.get("dense_decode") == "flashmla" else "")
+    for key, label in (("dsa_decode_ms", "DSA decode"), ("dense_decode_ms", dense_label)):
         axes[1].plot(ctx, [r[key] for r in results], "o-", label=label)
     axes[1].set(title=f"decode step, batch {results[0]['batch']}", xlabel="context (K tokens)",
                 ylabel="ms", yscale="log")

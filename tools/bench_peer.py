@@ -3,11 +3,15 @@
 DeepSeek-V3.2 examples), on the SAME input tensors, in one process, timed the same way
 (``triton.testing.do_bench``, CUDA events, median). Prints a table and writes JSON (``--out``).
 
-    python tools/bench_peer.py --peer-dir PATH [--out results.json] [--only mla,decode,indexer,topk]
+    python tools/bench_peer.py [--peer-dir PATH] [--flashmla-dir DIR] [--out results.json]
+                               [--only mla,decode,fp8decode,indexer,topk]
 
 PATH holds the peer's example files (``sparse_mla_fwd_pipelined.py``, ``sparse_mla_fwd_seesaw.py``,
 ``fp8_lighting_indexer.py``, ``topk_selector.py``, ``utils.py`` from ``examples/deepseek_v32`` of
 tile-ai/tilelang) with the ``tilelang`` package importable; neither is part of this repository.
+FlashMLA (deepseek-ai/FlashMLA, built for sm90, ``flash_mla`` importable or in ``--flashmla-dir``)
+is the second peer: its sparse prefill kernel in ``mla`` and ``decode``, its sparse FP8 decode in
+``fp8decode``. Either peer is left out when it is not there (a row says so).
 Each section first checks that the two implementations compute the same function on these inputs
 (relative error against a float64 evaluation from the spec, the overlap of the selected sets with
 torch.topk's; a row beyond the inputs' rounding is marked MISMATCH), then times them:
@@ -17,6 +21,10 @@ torch.topk's; a row beyond the inputs' rounding is marked MISMATCH), then times 
   fewer than topk are visible). TFLOPS count 2 * h * topk * (576 + 512) per query, as the peer's.
 - ``decode``: the same kernels on decode shapes (B = 64 and 128 sequences, one query each, 32K
   context), against the roofline of ``tools/bench_kernels.py``.
+- ``fp8decode``: sparse MLA decode on the FP8 latent cache (our format, ``dsa_ascend/kv_fp8.py``,
+  is FlashMLA's V3.2 format byte for byte: 512 FP8 values, 4 float32 scales, 64 bf16 rope values),
+  B = 64 and 128, 32K context: ours (one CTA a head block; the cluster pair) against FlashMLA's
+  ``flash_mla_with_kvcache(..., is_fp8_kvcache=True, indices=...)`` on the same cache bytes.
 - ``indexer``: FP8 indexer logits, 64 heads x 128, 4096 queries over 8192 keys, causal; and the
   peer's own ragged context-parallel windows, expressed in our paged API (block size 1: every
   window is its own sequence's block table). TFLOPS count 2 * h * d per visible (query, key) pair.
@@ -26,6 +34,7 @@ torch.topk's; a row beyond the inputs' rounding is marked MISMATCH), then times 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -62,6 +71,21 @@ def peer_module(name):
         return importlib.import_module(name)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"peer example {name!r} did not import: {type(e).__name__}: {e}") from e
+
+
+def flash_mla():
+    """The ``flash_mla`` module, or None with the reason noted once (it is optional)."""
+    global _FLASH_MLA
+    if _FLASH_MLA is None:
+        try:
+            _FLASH_MLA = importlib.import_module("flash_mla")
+        except Exception as e:  # noqa: BLE001
+            _FLASH_MLA = f"{type(e).__name__}: {e}"
+    return _FLASH_MLA if not isinstance(_FLASH_MLA, str) else None
+
+
+_FLASH_MLA = None
+PEER_DIR = None  # --peer-dir: the TileLang examples (None: that peer is left out)
 
 
 # --------------------------------------------------------------------------- sparse MLA
@@ -123,7 +147,15 @@ def mla_section(rows, peak, bw, b, s, skv, h=128, topk=2048, q_start=1024, decod
         impls[f"ours ({impl})"] = lambda impl=impl: K.sparse_mla_fwd(oq, cache, ind, table, rows_, SCALE, 512,
                                                                      impl=impl)[0]
     q_start_t = torch.tensor([q_start], dtype=torch.int32, device=DEV)
-    for mod_name in ("sparse_mla_fwd_pipelined", "sparse_mla_fwd_seesaw"):
+    fm = flash_mla()
+    if fm is not None:  # one flat kv of every sequence: indices offset by sequence, -1 padding
+        fq, fkv = q.view(b * s, h, 576), kv.view(b * skv, 1, 576)
+        base_ = (torch.arange(b, device=DEV, dtype=torch.int32) * skv).view(b, 1, 1, 1)
+        find = torch.where(idx >= skv, -1, idx + base_).view(b * s, 1, topk).contiguous()
+        impls["FlashMLA (flash_mla_sparse_fwd)"] = lambda: fm.flash_mla_sparse_fwd(fq, fkv, find, SCALE, 512)[0]
+    else:
+        rows.append(dict(name=f"sparse MLA {kind} {label} FlashMLA left out: {_FLASH_MLA}"[:300]))
+    for mod_name in (("sparse_mla_fwd_pipelined", "sparse_mla_fwd_seesaw") if PEER_DIR else ()):
         try:
             mod = peer_module(mod_name)
             kern = mod.sparse_mla_fwd_interface(q, kv, idx, q_start, 1, return_kernel=True)
@@ -152,6 +184,78 @@ def mla_section(rows, peak, bw, b, s, skv, h=128, topk=2048, q_start=1024, decod
         except Exception as e:  # noqa: BLE001
             rows.append(dict(name=f"sparse MLA {kind} {label} {name}, CUDA graph FAILED: {e}"[:300]))
     del q, kv, idx, cache
+
+
+def fp8_decode_section(rows, peak, bw, b, ctx=32768, h=128, topk=2048, block_size=64):
+    """Sparse MLA decode on the FP8 latent cache: ours and FlashMLA's on the same cache bytes,
+    pages shuffled, one query a sequence, each checked against a float64 evaluation of a few
+    tokens over the dequantized entries (``kv_fp8.unpack``)."""
+    from dsa_ascend import kv_fp8
+    g = torch.Generator(device=DEV).manual_seed(1)
+    blocks = b * ctx // block_size
+    table = torch.randperm(blocks, device=DEV, generator=g).int().view(b, -1)
+    cache = torch.empty(blocks, block_size, 656, dtype=torch.uint8, device=DEV)
+    for i in range(0, blocks, 256):  # bounded temporaries
+        e = torch.randn(min(256, blocks - i), block_size, 576, device=DEV, generator=g) / 10
+        cache[i:i + 256] = kv_fp8.pack(e[..., :512], e[..., 512:], True)
+    q = (torch.randn(b, h, 576, device=DEV, generator=g) / 10).to(torch.bfloat16)
+    pos = torch.stack([torch.randperm(ctx, device=DEV, generator=g)[:topk] for _ in range(b)]).int()
+    rows_ = torch.arange(b, device=DEV, dtype=torch.int32)
+    slots = (table.long().gather(1, pos.long() // block_size) * block_size + pos % block_size).int()
+    flops = b * 2 * h * topk * (576 + 512)
+    nbytes = pos.numel() * 656 + q.numel() * 2 + b * h * 512 * 2 + pos.numel() * 4
+    floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))
+    picks = torch.randperm(b)[:8].tolist()
+    ref = torch.stack([torch.softmax(q[t].double() @ kv_fp8.unpack(cache.view(-1, 656)[slots[t].long()], 512)
+                                     .double().T * SCALE, -1)
+                       @ kv_fp8.unpack(cache.view(-1, 656)[slots[t].long()], 512).double()[:, :512]
+                       for t in picks])
+    sm90 = K.sparse_mla.sparse_mla_sm90
+    impls = {}
+    for name, pair in (("ours (sm90)", "0"), ("ours (sm90 cluster pair)", "1")):
+        if sm90.available(q, cache):
+            impls[name] = (pair, lambda: K.sparse_mla_fwd(q, cache, pos, table, rows_, SCALE, 512)[0])
+    fm = flash_mla()
+    if fm is not None:
+        meta, _ = fm.get_mla_metadata()
+        fq, fcache, fslots = q.view(b, 1, h, 576), cache.view(blocks, block_size, 1, 656), slots.view(b, 1, topk)
+        impls["FlashMLA (flash_mla_with_kvcache, FP8)"] = (None, lambda: fm.flash_mla_with_kvcache(
+            fq, fcache, None, None, 512, meta, None, softmax_scale=SCALE, is_fp8_kvcache=True,
+            indices=fslots)[0].view(b, h, 512))
+    else:
+        rows.append(dict(name=f"sparse MLA decode FP8 cache B={b} FlashMLA left out: {_FLASH_MLA}"[:300]))
+    label = f"sparse MLA decode FP8 cache B={b} ctx={ctx} h={h} topk={topk}"
+    for name, (pair, fn) in impls.items():
+        try:
+            with _pair_env(pair):
+                out = fn()
+                torch.cuda.synchronize()
+                err = rel_err(out[picks].float(), ref)
+                ms = bench(graph_replay(fn))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(name=f"{label} {name} FAILED: {type(e).__name__}: {e}"[:300]))
+            continue
+        # FP8 rounding of the entries is in the reference; what is left is bf16 P and output
+        rows.append(dict(name=f"{label} {name}{flag(err > 1e-2)}, CUDA graph", ms=ms,
+                         tflops=flops / ms / 1e9, pct_roofline=100 * floor / ms, err_vs_f64=err))
+    del cache
+
+
+@contextlib.contextmanager
+def _pair_env(value):
+    """DSA_MLA_PAIR set to ``value`` (None: left as it is) for the block."""
+    key = K.sparse_mla.sparse_mla_sm90.PAIR_ENV
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 # --------------------------------------------------------------------------- indexer logits
@@ -275,26 +379,42 @@ def fp8_ceiling(rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peer-dir", required=True, help="folder with the peer's example files")
+    ap.add_argument("--peer-dir", default=None,
+                    help="folder with TileLang's example files (without it: FlashMLA only)")
+    ap.add_argument("--flashmla-dir", default=None,
+                    help="folder holding the built flash_mla package (else: as installed)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default=None, help="comma list: mla,decode,indexer,topk")
+    ap.add_argument("--only", default=None, help="comma list: mla,decode,fp8decode,indexer,topk")
     args = ap.parse_args()
-    if not os.path.isfile(os.path.join(args.peer_dir, "fp8_lighting_indexer.py")):
-        sys.exit(f"--peer-dir {args.peer_dir!r}: no fp8_lighting_indexer.py there")
-    sys.path.insert(0, os.path.abspath(args.peer_dir))
+    global PEER_DIR
+    if args.peer_dir is not None:
+        if not os.path.isfile(os.path.join(args.peer_dir, "fp8_lighting_indexer.py")):
+            sys.exit(f"--peer-dir {args.peer_dir!r}: no fp8_lighting_indexer.py there")
+        PEER_DIR = os.path.abspath(args.peer_dir)
+        sys.path.insert(0, PEER_DIR)
+    if args.flashmla_dir is not None:
+        if not os.path.isdir(os.path.join(args.flashmla_dir, "flash_mla")):
+            sys.exit(f"--flashmla-dir {args.flashmla_dir!r}: no flash_mla package there")
+        sys.path.insert(0, os.path.abspath(args.flashmla_dir))
+    tilelang_only = {"indexer", "topk"}
+    only_arg = set(args.only.split(",")) if args.only else None
+    if PEER_DIR is None and only_arg and only_arg & tilelang_only:
+        sys.exit(f"--only {sorted(only_arg & tilelang_only)}: TileLang's sections need --peer-dir")
     rows = []
     peak, bw = ceilings(rows)
     peak_fp8 = fp8_ceiling(rows)
-    only = set(args.only.split(",")) if args.only else None
+    only = only_arg if only_arg else ({"mla", "decode", "fp8decode"} if PEER_DIR is None else None)
     steps = [("mla", lambda: mla_section(rows, peak, bw, 1, 4096, 8192)),
              ("decode", lambda: [mla_section(rows, peak, bw, b, 1, 32768, q_start=32767, decode=True)
                                  for b in (64, 128)]),
+             ("fp8decode", lambda: [fp8_decode_section(rows, peak, bw, b) for b in (64, 128)]),
              ("indexer", lambda: [indexer_section(rows, peak_fp8), indexer_section(rows, peak_fp8, skv=16384, windows="cp")]),
              ("topk", lambda: [topk_section(rows, n, length) for n, length in ((64, 32768), (32, 131072))])]
     run_steps(rows, steps, only)
-    tl = sys.modules.get("tilelang")
+    tl, fm = sys.modules.get("tilelang"), sys.modules.get("flash_mla")
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                tilelang=getattr(tl, "__version__", None), date=time.strftime("%Y-%m-%d"))
+                tilelang=getattr(tl, "__version__", None),
+                flash_mla=getattr(fm, "__file__", None), date=time.strftime("%Y-%m-%d"))
     report(rows, meta, args.out, width=100, fmt=".4g")
 
 
