@@ -25,8 +25,10 @@ H100, same process (BENCHMARKS.md, session 6): prefill 4096 x 2048 entries 4.44-
 TFLOPS against 8.09 ms for the Triton kernel; decode B=64 / 128 at 32K 0.102 / 0.187 ms against
 0.175 / 0.335. With the gathers skipped (timing only) prefill ran at 649 TFLOPS: the rest
 is the gathers' latency in a two-tile ring (shared memory holds no third: Q, two tiles and P1
-take 225.6 of the 227 KiB a CTA may use). The gathers are cp.async with evict_last (+3% prefill:
-the rows are shared by the CTAs of many tokens).
+take 225.6 of the 227 KiB a CTA may use). The gathers ask cp.async for evict_last (the rows
+are shared by the CTAs of many tokens), but Triton 3.6's lowering drops the hint: its PTX has no
+L2 cache hint, while Triton 3.9's has (BENCHMARKS.md session 19). So the +3% that session 6
+measured with it was not the hint.
 Tried: an L2 prefetch of the next round's rows (decode 0.132 against 0.109 ms, prefill 3% slower;
 as one bulk prefetch a row, H200 session 14: decode unchanged within noise, prefill 3-5%
 slower).
