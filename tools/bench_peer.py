@@ -132,6 +132,25 @@ def reference_rows(q, cache, ind, table, rows_, picks):
     return torch.stack(outs)
 
 
+def flashmla_sparse_inputs(q, kv, idx):
+    """The peer's tensors as FlashMLA's sparse prefill takes them: q [B*S, H, 576] and one flat kv
+    [B*SKV, 1, 576] (views), indices [B*S, 1, topk] into that kv (offset by sequence), -1 where
+    the peer pads with SKV."""
+    b, s, h, d = q.shape
+    skv, topk = kv.shape[1], idx.shape[-1]
+    base = (torch.arange(b, device=idx.device, dtype=torch.int32) * skv).view(b, 1, 1, 1)
+    find = torch.where(idx >= skv, -1, idx + base).view(b * s, 1, topk).contiguous()
+    return q.view(b * s, h, d), kv.view(b * skv, 1, d), find
+
+
+def flashmla_slots(pos, table, block_size):
+    """Positions [B, topk] within each sequence (-1: none) as FlashMLA's decode indices: flat
+    cache slots, page * block_size + offset through the block table (-1 stays -1)."""
+    p = pos.long().clamp_min(0)
+    slots = table.long().gather(1, p // block_size) * block_size + p % block_size
+    return torch.where(pos < 0, -1, slots).int()
+
+
 def mla_section(rows, peak, bw, b, s, skv, h=128, topk=2048, q_start=1024, decode=False):
     q, kv, idx = mla_inputs(b, s, skv, h, topk, q_start)
     oq, cache, ind, table, rows_ = ours_from_peer(q, kv, idx)
@@ -148,10 +167,8 @@ def mla_section(rows, peak, bw, b, s, skv, h=128, topk=2048, q_start=1024, decod
                                                                      impl=impl)[0]
     q_start_t = torch.tensor([q_start], dtype=torch.int32, device=DEV)
     fm = flash_mla()
-    if fm is not None:  # one flat kv of every sequence: indices offset by sequence, -1 padding
-        fq, fkv = q.view(b * s, h, 576), kv.view(b * skv, 1, 576)
-        base_ = (torch.arange(b, device=DEV, dtype=torch.int32) * skv).view(b, 1, 1, 1)
-        find = torch.where(idx >= skv, -1, idx + base_).view(b * s, 1, topk).contiguous()
+    if fm is not None:
+        fq, fkv, find = flashmla_sparse_inputs(q, kv, idx)
         impls["FlashMLA (flash_mla_sparse_fwd)"] = lambda: fm.flash_mla_sparse_fwd(fq, fkv, find, SCALE, 512)[0]
     else:
         rows.append(dict(name=f"sparse MLA {kind} {label} FlashMLA left out: {_FLASH_MLA}"[:300]))
@@ -201,7 +218,7 @@ def fp8_decode_section(rows, peak, bw, b, ctx=32768, h=128, topk=2048, block_siz
     q = (torch.randn(b, h, 576, device=DEV, generator=g) / 10).to(torch.bfloat16)
     pos = torch.stack([torch.randperm(ctx, device=DEV, generator=g)[:topk] for _ in range(b)]).int()
     rows_ = torch.arange(b, device=DEV, dtype=torch.int32)
-    slots = (table.long().gather(1, pos.long() // block_size) * block_size + pos % block_size).int()
+    slots = flashmla_slots(pos, table, block_size)
     flops = b * 2 * h * topk * (576 + 512)
     nbytes = pos.numel() * 656 + q.numel() * 2 + b * h * 512 * 2 + pos.numel() * 4
     floor = max(flops / (peak * 1e9), nbytes / (bw * 1e6))

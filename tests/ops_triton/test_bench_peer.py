@@ -95,3 +95,41 @@ def test_peer_sparse_mla_layout_maps_onto_the_paged_cache(bp):
             kvr = kv[bi, sel, 0].double()
             p = torch.softmax(q[bi, si].double() @ kvr.T * bp.SCALE, dim=-1)
             assert torch.allclose(got[bi * s + si], p @ kvr[:, :512]), (bi, si)
+
+
+def test_flashmla_prefill_inputs_address_the_same_rows(bp):
+    """FlashMLA's sparse prefill takes one flat kv: every query's indices must reach the rows of
+    its own sequence that the peer's indices name, and the peer's padding (SKV) must become -1."""
+    g = torch.Generator().manual_seed(11)
+    b, s, h, skv, topk = 3, 4, 2, 64, 16
+    q, kv = torch.randn(b, s, h, 576, generator=g), torch.randn(b, skv, 1, 576, generator=g)
+    idx = torch.randint(0, skv + 1, (b, s, 1, topk), generator=g).int()
+    fq, fkv, find = bp.flashmla_sparse_inputs(q, kv, idx)
+    assert fq.shape == (b * s, h, 576) and fkv.shape == (b * skv, 1, 576) and find.shape == (b * s, 1, topk)
+    assert fq.data_ptr() == q.data_ptr() and fkv.data_ptr() == kv.data_ptr()  # views, no copies
+    for bi in range(b):
+        for si in range(s):
+            t = bi * s + si
+            pad = idx[bi, si, 0] == skv
+            assert (find[t, 0][pad] == -1).all()
+            assert torch.equal(fkv[find[t, 0][~pad].long(), 0], kv[bi, idx[bi, si, 0][~pad].long(), 0])
+            assert torch.equal(fq[t], q[bi, si])
+
+
+def test_flashmla_slots_follow_the_block_table(bp):
+    """Positions through a shuffled block table to the flat slots FlashMLA's decode reads: the
+    slot's row of the paged cache is the position's row; -1 stays -1."""
+    g = torch.Generator().manual_seed(13)
+    b, ctx, bs, topk = 3, 256, 16, 20
+    table = torch.randperm(b * ctx // bs, generator=g).int().view(b, -1)
+    cache = torch.randn(b * ctx // bs, bs, 8, generator=g)
+    pos = torch.stack([torch.randperm(ctx, generator=g)[:topk] for _ in range(b)]).int()
+    pos[1, :3] = -1
+    slots = bp.flashmla_slots(pos, table, bs)
+    assert slots.dtype == torch.int32 and (slots[1, :3] == -1).all() and (slots[pos >= 0] >= 0).all()
+    flat = cache.view(-1, 8)
+    for r in range(b):
+        for j in range(topk):
+            p = int(pos[r, j])
+            if p >= 0:
+                assert torch.equal(flat[int(slots[r, j])], cache[int(table[r, p // bs]), p % bs])
