@@ -336,6 +336,14 @@ if _GLUON:
     _CLUSTER_SYNC_ASM = gl.constexpr(
         "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
 
+    @gluon.constexpr_function
+    def _cluster_guard_asm(size):
+        """PTX: trap (a launch error) unless the CTA runs in a cluster of ``size`` CTAs: a
+        cluster kernel launched without its cluster would read other CTAs' shared memory at
+        ranks that do not exist."""
+        return ("{ .reg .b32 n; .reg .pred p; mov.u32 n, %cluster_nctarank; "
+                f"setp.ne.u32 p, n, {size}; @p trap; mov.b32 $0, 0; }}")
+
     # PTX for each thread: write its selected keys, in position order, from bit masks of its E
     # keys (bit e: the key at position $6 + e): the keys above T ($1) at slots $3, $3 + 1, ...,
     # then the keys equal to T ($2) at slots $4, $4 + 1, ... while the slot is below $5 (kk),
@@ -531,6 +539,9 @@ if _GLUON:
         l2: gl.constexpr = gl.BlockedLayout([1, E], [32, 1], [WARPS, 1], [1, 0])
         pad_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
         w2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [WARPS, 1], [1, 0])
+        if CLUSTER > 1:
+            gl.inline_asm_elementwise(_cluster_guard_asm(CLUSTER), "=r,r", [_one_a_thread(WARPS)],
+                                      dtype=gl.int32, is_pure=False, pack=1)
         _clear_bins(bins_s.slice(0, NB0), WARPS)
         _clear_bins(bins_s.slice(NB0, NB1), WARPS)
         _clear_bins(bins_s.slice(NB0 + NB1, NB2), WARPS)
