@@ -17,8 +17,9 @@ projections + absorbed MLA over every cached entry: FlashMLA's dense decode kern
 where the ``flash_mla`` package imports (``--dense auto``, the default), else our Triton MLA kernel
 (indices = all positions, split over the keys). The dense attention's bandwidth and TFLOPS are
 reported so that the baseline's strength is visible, and with FlashMLA our kernel's dense
-attention is timed beside it. Both decode sides read the same bf16 latent cache. Decode steps are timed as CUDA-graph
-replays (as a serving engine runs decode; the eager time is reported beside them), prefill eagerly.
+attention is timed beside it. Both decode sides read the same bf16 latent cache. Decode steps
+are timed as CUDA-graph replays (as a serving engine runs decode; the eager time is reported
+beside them), prefill eagerly.
 """
 
 from __future__ import annotations
