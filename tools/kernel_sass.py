@@ -265,6 +265,11 @@ def report(name: str, p: dict, sass_dir: str | None = None) -> dict:
                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                wgmma_waits=re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx),
                instructions=len(_INSTR.findall(sass)), loops=loops(sass),
+               # gathers that ask for an eviction policy carry it only if the lowering keeps it
+               # (Triton 3.6 drops it from cp.async; 3.9 keeps it: BENCHMARKS.md session 19)
+               cp_async=len(re.findall(r"^\s*(?:@%p\d+\s+)?cp\.async\.c[ag]\.shared\.global", ptx, re.M)),
+               cp_async_hinted=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[.\w:]*L2::cache_hint",
+                                              ptx)),
                smem_base=first_store_at_smem_base(ptx) if p.get("smem_base") else None,
                smem_offsets=None, check=None)
     if p.get("check"):
@@ -306,6 +311,8 @@ def main(argv=None):
         if r["smem_offsets"]:
             print("  inline PTX addresses (global_smem + offset): "
                   + ", ".join(f"{n} {o}" for n, o in r["smem_offsets"].items()))
+        if r["cp_async"]:
+            print(f"  cp.async gathers: {r['cp_async']}, with an L2 cache hint: {r['cp_async_hinted']}")
         if r["check"] is not None:
             print(f"  the launcher's check: {r['check']}")
             if r["check"] != "passed":
