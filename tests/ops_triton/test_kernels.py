@@ -507,9 +507,9 @@ def test_topk_cluster_plan():
     assert plan(1, 32768, 132) is None and plan(1, 262145, 132) is None and plan(1, 65536, 0) is None
     assert plan(1, 32769, 132) == (4, 16384)
     assert plan(16, 131072, 132) == (8, 16384) and plan(17, 131072, 132) == (4, 32768)
-    assert plan(32, 131072, 132) == (4, 32768) and plan(33, 131072, 132) is None  # 132 // 4 = 33
+    assert plan(32, 131072, 132) == (4, 32768) and plan(33, 131072, 132) is None  # 8 GPCs x 4, not 132 // 4
     assert plan(16, 160000, 132) == (8, 32768) and plan(17, 160000, 132) is None
-    assert plan(64, 40000, 132) == (2, 32768) and plan(65, 40000, 132) is None  # 132 // 2 = 66
+    assert plan(64, 40000, 132) == (2, 32768) and plan(65, 40000, 132) is None  # 8 GPCs x 8, not 132 // 2
     assert plan(14, 131072, 114) == (8, 16384) and plan(15, 131072, 114) == (4, 32768)  # 7 GPCs
     assert K.topk.resident_fits(32, 131072, radix=True, sms=132)
     assert not K.topk.resident_fits(32, 131072, radix=True)  # sms=0: the cluster select is off
