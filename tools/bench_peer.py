@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import triton  # noqa: E402
-from bench_kernels import DEV, K, bench, ceilings, report, run_steps  # noqa: E402
+from bench_kernels import DEV, K, _env, bench, ceilings, report, run_steps  # noqa: E402
 
 from dsa_ascend import paging  # noqa: E402
 from dsa_ascend.backends.cuda import graph_replay  # noqa: E402
@@ -245,7 +245,8 @@ def fp8_decode_section(rows, peak, bw, b, ctx=32768, h=128, topk=2048, block_siz
     label = f"sparse MLA decode FP8 cache B={b} ctx={ctx} h={h} topk={topk}"
     for name, (pair, fn) in impls.items():
         try:
-            with _pair_env(pair):
+            with (_env(K.sparse_mla.sparse_mla_sm90.PAIR_ENV, pair) if pair is not None
+                  else contextlib.nullcontext()):
                 out = fn()
                 torch.cuda.synchronize()
                 err = rel_err(out[picks].float(), ref)
@@ -257,23 +258,6 @@ def fp8_decode_section(rows, peak, bw, b, ctx=32768, h=128, topk=2048, block_siz
         rows.append(dict(name=f"{label} {name}{flag(err > 1e-2)}, CUDA graph", ms=ms,
                          tflops=flops / ms / 1e9, pct_roofline=100 * floor / ms, err_vs_f64=err))
     del cache
-
-
-@contextlib.contextmanager
-def _pair_env(value):
-    """DSA_MLA_PAIR set to ``value`` (None: left as it is) for the block."""
-    key = K.sparse_mla.sparse_mla_sm90.PAIR_ENV
-    old = os.environ.get(key)
-    if value is not None:
-        os.environ[key] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 # --------------------------------------------------------------------------- indexer logits

@@ -21,6 +21,10 @@ from typing import Callable
 
 import torch
 
+# PTX every thread of a cluster's CTAs runs together (released and acquired at cluster scope)
+SYNC_PTX = "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;"
+
+
 
 def compiled(fn, args: tuple, kwargs: dict):
     """The kernel ``fn[grid](*args, **kwargs)`` would launch: compiled now if it is not cached."""

@@ -146,8 +146,7 @@ if _GLUON:
     # constexprs included, which is also why PAIR is bound by the entry functions
     # (``_wg0_solo`` ...).
     _ONE_A_THREAD = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
-    _CLUSTER_SYNC_ASM = gl.constexpr(
-        "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
+    _CLUSTER_SYNC_ASM = gl.constexpr(cluster.SYNC_PTX)
     _MBARRIER_INIT_FENCE_ASM = gl.constexpr("fence.mbarrier_init.release.cluster; mov.b32 $0, 0;")
     # a pair kernel launched without its cluster of two traps (a launch error) instead of hanging
     _PAIR_GUARD_ASM = gl.constexpr("{ .reg .b32 n; .reg .pred p; mov.u32 n, %cluster_nctarank; "

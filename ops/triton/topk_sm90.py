@@ -332,15 +332,13 @@ if _GLUON:
         @p st.shared.u32 [a], $2;
         mov.b32 $0, 0;
         }""")
-    # every thread of the cluster's CTAs (released and acquired at cluster scope)
-    _CLUSTER_SYNC_ASM = gl.constexpr(
-        "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;")
+    _CLUSTER_SYNC_ASM = gl.constexpr(cluster.SYNC_PTX)
 
     @gluon.constexpr_function
     def _cluster_guard_asm(size):
-        """PTX: trap (a launch error) unless the CTA runs in a cluster of ``size`` CTAs: a
-        cluster kernel launched without its cluster would read other CTAs' shared memory at
-        ranks that do not exist."""
+        """PTX: trap (a launch error) unless the CTA runs in a cluster of ``size`` CTAs, as the
+        MLA pair's guard does: a cluster kernel launched without its cluster would read other
+        CTAs' shared memory at ranks that do not exist."""
         return ("{ .reg .b32 n; .reg .pred p; mov.u32 n, %cluster_nctarank; "
                 f"setp.ne.u32 p, n, {size}; @p trap; mov.b32 $0, 0; }}")
 
