@@ -30,7 +30,9 @@ opt-in: ``DSA_TOPK_CLUSTER=1``) splits a row of up to 256K keys over a thread-bl
 2-8 CTAs, 16K or 32K keys each: each pass's bins are summed over the cluster through
 distributed shared memory (``ld.shared::cluster``), so every CTA picks the same digit, and each
 writes its picks after the lower ranks' (their counts, exchanged the same way). One launch in
-place of the multi-program select's five; written without a GPU (session 18), not yet run.
+place of the multi-program select's five. Written without a GPU (session 18), checked on an
+H100 (session 20): faster than the multi-program select alone, slower inside the decode op
+(``topk.CLUSTER_DEFAULT`` says by how much), so it stays opt-in.
 
 Gluon has no interpreter: on a CPU (and without Gluon) ``topk_multi`` runs the Triton kernels;
 both forms write the same histograms, counts, lists and candidate sets (the candidates' order in their buffer

@@ -139,7 +139,7 @@ def test_sparse_mla_both_kernels_on_gpu(impl, fp8):
 
 @pytest.mark.skipif(not ON_GPU, reason="the cluster pair is in the sm90 (Gluon) kernel; Gluon has no interpreter")
 def test_sparse_mla_fp8_cluster_pair_is_bit_identical(monkeypatch):
-    """The FP8 cache as cluster pairs (``DSA_MLA_PAIR=1``: the two CTAs of a token each dequantize
+    """The FP8 cache as cluster pairs (``DSA_MLA_PAIR``, the default: the two CTAs of a token each dequantize
     half of every tile and bulk-copy it to the other) against solo CTAs, bit for bit (each row is
     dequantized once either way, by the same arithmetic), eager and as a CUDA graph, and against
     the float64 reference. Head counts of 2 and 4 head blocks (pairs) and of 1 (no partner: solo
@@ -181,6 +181,17 @@ def test_sparse_mla_fp8_cluster_pair_is_bit_identical(monkeypatch):
         replay()
         torch.cuda.synchronize()
         assert torch.equal(box["out"][0], want[0]) and torch.equal(box["out"][1], want[1])
+
+
+def test_sparse_mla_pair_switch(monkeypatch):
+    """The cluster pair is on unless ``DSA_MLA_PAIR=0``."""
+    sm90 = K.sparse_mla.sparse_mla_sm90
+    monkeypatch.delenv(sm90.PAIR_ENV, raising=False)
+    assert sm90.pair_enabled()
+    monkeypatch.setenv(sm90.PAIR_ENV, "0")
+    assert not sm90.pair_enabled()
+    monkeypatch.setenv(sm90.PAIR_ENV, "1")
+    assert sm90.pair_enabled()
 
 
 def test_sparse_mla_impl_argument():
