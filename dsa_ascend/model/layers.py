@@ -97,7 +97,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None):
         dtype = x.dtype
         xf = x.float() if residual is None else x.float() + residual.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # the same formula; CUDA torch runs it as one kernel (aten::_fused_rms_norm) where the
+        # unfused form took five, each a launch's latency at a decode step's small batches
+        # (not yet timed here: BENCHMARKS.md session 20)
+        y = F.rms_norm(xf, (xf.shape[-1],), self.weight, self.eps)
         if residual is None:
             return y.to(dtype)
         return y.to(dtype), xf.to(dtype)

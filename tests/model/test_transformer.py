@@ -165,3 +165,28 @@ def test_dsa_with_covering_topk_is_dense_causal_mla(load_tiny, tiny_dir, tmp_pat
     o = torch.einsum("hts,shd->thd", F.softmax(scores, dim=-1), kv_b[..., nope:])
     ref = o.flatten(1) @ W["o_proj"].T
     _close(got, ref.float(), rel=1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_spec(device, with_residual):
+    """RMSNorm (DSA_SPEC §2: x * rsqrt(mean(x^2) + eps) * w in float32, the residual added in
+    float32 first) on the suite's device against float64, for bf16 inputs: the only rounding
+    past float32 (a few ulps over a 1536-term mean) is the final bf16 one, so the result is
+    within half a bf16 ulp (at most 2^-8 relative, plus float32's ~1e-6) of the float64 value."""
+    from dsa_ascend.model.layers import RMSNorm
+
+    g = seeded(11)
+    d, eps = 1536, 1e-6
+    norm = RMSNorm(d, eps).to_empty(device=device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
+    x = (torch.randn(64, d, generator=g) * 3).to(torch.bfloat16)
+    res = (torch.randn(64, d, generator=g) * 3).to(torch.bfloat16)
+    xd = x.double() + (res.double() if with_residual else 0)
+    want = _rms(xd, norm.weight.cpu().double(), eps)
+    out = norm(x.to(device), res.to(device)) if with_residual else norm(x.to(device))
+    y = (out[0] if with_residual else out).cpu()
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - want).abs() <= want.abs() * (2 ** -8 + 1e-5)).all()
+    if with_residual:  # the new residual: the float32 sum, rounded to bf16 once
+        assert torch.equal(out[1].cpu(), xd.float().to(torch.bfloat16))
