@@ -250,7 +250,8 @@ def main():
                     help="the dense decode attention: FlashMLA's where it imports (auto), or ours")
     ap.add_argument("--flashmla-dir", default=None, help="folder holding the built flash_mla package")
     ap.add_argument("--profile", action="store_true",
-                    help="print torch.profiler tables of one DSA prefill and one decode step")
+                    help="print torch.profiler tables of one DSA prefill and one decode step, "
+                         "and every kernel of the decode step's CUDA graph")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.profile:
@@ -331,6 +332,19 @@ def profile(ctx_len, batch):
             torch.cuda.synchronize()
         print(f"=== {name}, context {ctx_len}, batch {batch}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    # the decode step as it is timed (a CUDA-graph replay: no metadata preparation, no host
+    # work), every kernel of it: what a graph's time is made of
+    replay = dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=True)
+    replay()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            replay()
+        torch.cuda.synchronize()
+    print(f"=== DSA decode as a CUDA graph, context {ctx_len}, batch {batch}: its kernels, "
+          f"5 replays (times are totals over the 5)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60,
+                                    max_name_column_width=90))
 
 
 def plot(results, meta, path):
