@@ -46,6 +46,9 @@ from dsa_ascend.model.mla import MLA  # noqa: E402
 from dsa_ascend.model.rope import rope_tables  # noqa: E402
 from dsa_ascend.ops import Ops  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peer import flash_mla  # noqa: E402  (the peer's import, its failure noted once)
+
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
 
@@ -165,15 +168,6 @@ def dsa_decode(layer, cache, cos, sin, batch, ctx_len, graph=False):
         step = prepare()
         layer(x, step, cache, cos[step.positions], sin[step.positions])
     return run
-
-
-def flash_mla():
-    """The ``flash_mla`` module (FlashMLA built for sm90), or None."""
-    try:
-        import flash_mla as fm
-    except ImportError:
-        return None
-    return fm
 
 
 @torch.inference_mode()

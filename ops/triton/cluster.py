@@ -25,7 +25,6 @@ import torch
 SYNC_PTX = "barrier.cluster.arrive.release; barrier.cluster.wait.acquire; mov.b32 $0, 0;"
 
 
-
 def compiled(fn, args: tuple, kwargs: dict):
     """The kernel ``fn[grid](*args, **kwargs)`` would launch: compiled now if it is not cached."""
     kernel = fn.warmup(*args, grid=(1,), **kwargs)
